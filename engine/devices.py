@@ -1,0 +1,48 @@
+"""--devices parsing: 'cpu', 'gpu', 'gpu:0,1', 'cpu:0,1'; default first GPU, else CPU (as MAX does)."""
+from __future__ import annotations
+
+import jax
+
+ALLOWED = "cpu, gpu, gpu:N[,M...], cpu:N[,M...]"
+
+
+def _platform_devices(kind: str) -> list:
+    try:
+        return jax.devices("cuda" if kind == "gpu" else kind)
+    except RuntimeError:
+        if kind == "gpu":
+            try:
+                return jax.devices("gpu")
+            except RuntimeError:
+                return []
+        return []
+
+
+def select_devices(spec: str | None) -> list:
+    """Returns the jax devices named by `spec`; ValueError naming the value and the allowed forms."""
+    if spec is None or spec == "":
+        gpus = _platform_devices("gpu")
+        return gpus[:1] if gpus else jax.devices("cpu")[:1]
+    kind, _, ids = spec.partition(":")
+    if kind not in ("cpu", "gpu"):
+        raise ValueError(f"--devices={spec!r} is not allowed; use one of {ALLOWED}")
+    found = _platform_devices(kind)
+    if not found:
+        raise ValueError(f"--devices={spec!r}: no {kind.upper()} is visible to JAX here "
+                         f"(available: {', '.join(sorted({d.platform for d in jax.devices()}))})")
+    if not ids:
+        return found[:1]
+    try:
+        wanted = [int(i) for i in ids.split(",")]
+    except ValueError:
+        raise ValueError(f"--devices={spec!r} is not allowed; use one of {ALLOWED}") from None
+    bad = [i for i in wanted if not 0 <= i < len(found)]
+    if bad or len(set(wanted)) != len(wanted):
+        raise ValueError(f"--devices={spec!r}: device ids must be distinct and in 0..{len(found) - 1} "
+                         f"({len(found)} {kind} device(s) visible)")
+    return [found[i] for i in wanted]
+
+
+def describe(devices: list) -> str:
+    kind = "gpu" if devices[0].platform in ("gpu", "cuda") else devices[0].platform
+    return f"{kind}:" + ",".join(str(d.id) for d in devices)

@@ -1,0 +1,96 @@
+"""The offline API (like vLLM's): `LLM(model_path, **engine_options).generate(prompts, sampling)`."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class CompletionOutput:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str          # "stop" | "length" | "abort"
+    cached_prompt_tokens: int
+
+
+def _is_chat(p: Any) -> bool:
+    return isinstance(p, list) and bool(p) and all(isinstance(m, dict) for m in p)
+
+
+def _is_token_ids(p: Any) -> bool:
+    return isinstance(p, (list, tuple)) and bool(p) and all(isinstance(t, int) for t in p)
+
+
+class LLM:
+    """Offline generation over the same engine the server uses (stepped in the calling thread)."""
+
+    def __init__(self, model_path: str | None = None, **engine_options):
+        self.engine = LLMEngine(EngineConfig(model_path=model_path, **engine_options))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def _prompt_ids(self, prompt: Any) -> tuple[int, ...]:
+        if isinstance(prompt, str):
+            return tuple(self.tokenizer.encode(prompt))
+        if _is_chat(prompt):
+            return tuple(self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt)))
+        if _is_token_ids(prompt):
+            return tuple(int(t) for t in prompt)
+        raise ValueError(f"prompt {prompt!r:.80} is not a string, a chat message list or a token-id list")
+
+    def generate(self, prompts: Any, sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                 cache_salt: str | None = None, use_tqdm: bool = False) -> list[CompletionOutput]:
+        """Generates for one prompt or a list of prompts (strings, chat message lists or token-id lists);
+        returns one CompletionOutput per prompt, in order."""
+        if isinstance(prompts, str) or _is_chat(prompts) or _is_token_ids(prompts):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling is None or isinstance(sampling, SamplingParams):
+            sampling = [sampling or SamplingParams()] * len(prompts)
+        if len(sampling) != len(prompts):
+            raise ValueError(f"got {len(sampling)} SamplingParams for {len(prompts)} prompts")
+        requests = [Request(f"offline-{next(self._ids)}", self._prompt_ids(p), s, cache_salt or "")
+                    for p, s in zip(prompts, sampling)]
+        for r in requests:
+            self.engine.validate(r)
+        return self._run(requests, use_tqdm)
+
+    def _run(self, requests: list[Request], use_tqdm: bool) -> list[CompletionOutput]:
+        pending = list(reversed(requests))
+        streams, results = {}, {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+            bar = tqdm(total=len(requests), desc="generate")
+        limit = self.engine.config.max_waiting_requests
+        while pending or len(results) < len(requests):
+            while pending and len(streams) - len(results) < limit:
+                r = pending.pop()
+                streams[r.request_id] = (r, self.engine.add_request(r), [], [])
+            self.engine.step()
+            for rid, (r, stream, toks, text) in streams.items():
+                if rid in results:
+                    continue
+                while not stream._queue.empty():
+                    out = stream.get()
+                    toks.extend(out.new_token_ids)
+                    text.append(out.text)
+                    if out.finish_reason is not None:
+                        results[rid] = CompletionOutput(rid, r.prompt_token_ids, tuple(toks), "".join(text),
+                                                        out.finish_reason.value, out.cached_prompt_tokens)
+                        if bar is not None:
+                            bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [results[r.request_id] for r in requests]
+
+    def reset_prefix_cache(self) -> bool:
+        return self.engine.reset_prefix_cache()

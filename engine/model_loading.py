@@ -1,0 +1,112 @@
+"""Builds everything an engine needs from an EngineConfig: devices, model, tokenizer, the resolved config,
+a KV pool sized to the device, block manager, scheduler and runner."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig, ModelConfig
+from engine.devices import describe, select_devices
+from engine.gguf_loader import load_gguf, resolve_model_path
+from engine.runner import Buckets, ModelRunner
+from engine.scheduler import Scheduler
+from engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_LENGTH = 4096
+MAX_PREFILL_ROWS = 8
+# On CPU the "device memory" is the host's RAM, shared with everything else: cap the KV pool.
+CPU_KV_BUDGET_BYTES = 4 << 30
+
+
+@dataclass
+class LoadedEngineParts:
+    config: EngineConfig
+    model_config: ModelConfig
+    tokenizer: Tokenizer
+    device_description: str
+    block_manager: BlockManager
+    scheduler: Scheduler
+    runner: ModelRunner
+
+
+def load_model(path: str):
+    """(ModelConfig, numpy params, Tokenizer) from a GGUF file or an orbax checkpoint directory."""
+    if os.path.isdir(path):
+        from engine.checkpoint import load_checkpoint
+        return load_checkpoint(path)
+    config, params, meta = load_gguf(path)
+    return config, params, Tokenizer.from_gguf_metadata(meta, source=path)
+
+
+def _page_bytes(mc: ModelConfig, page_size: int, itemsize: int) -> int:
+    return 2 * mc.num_layers * page_size * mc.num_kv_heads * mc.head_dim * itemsize
+
+
+def _device_budget(device, utilization: float, params_bytes: int) -> int:
+    if device.platform == "cpu":
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return int(min(total * utilization - 2 * params_bytes, CPU_KV_BUDGET_BYTES))
+    stats = device.memory_stats() or {}
+    limit = stats.get("bytes_limit", 16 << 30)
+    return int(limit * utilization - stats.get("bytes_in_use", 0) - params_bytes)
+
+
+def resolve_config(config: EngineConfig, mc: ModelConfig, device, params_bytes: int) -> EngineConfig:
+    """Fills every None: dtype, max_length, page size (continuous = one max-length page), pool size."""
+    dtype = config.quantization_encoding or ("float32" if device.platform == "cpu" else "bfloat16")
+    max_length = config.max_length or min(mc.max_position, DEFAULT_MAX_LENGTH)
+    if max_length > mc.max_position:
+        raise ValueError(f"--max-length={max_length} exceeds the model's context length {mc.max_position}")
+    page_size = config.kv_cache_page_size
+    if config.cache_strategy == "continuous":
+        page_size = -(-max_length // 16) * 16
+    pages_per_seq = -(-max_length // page_size)
+    pages = config.kv_cache_pages
+    if pages is None:
+        per_page = _page_bytes(mc, page_size, 4 if dtype == "float32" else 2)
+        budget = _device_budget(device, config.device_memory_utilization, params_bytes)
+        pages = min(budget // per_page, config.max_batch_size * pages_per_seq * 2) + 1
+        if config.cache_strategy == "continuous":
+            pages = config.max_batch_size + 1
+    if pages - 1 < pages_per_seq:
+        raise ValueError(f"--kv-cache-pages={pages} is too small: one --max-length={max_length} sequence "
+                         f"needs {pages_per_seq} pages of {page_size} plus the reserved page 0")
+    return dataclasses.replace(config, quantization_encoding=dtype, max_length=max_length,
+                               kv_cache_page_size=page_size, kv_cache_pages=int(pages))
+
+
+def load_engine_parts(config: EngineConfig) -> LoadedEngineParts:
+    devices = select_devices(config.devices)
+    path = resolve_model_path(config.model_path)
+    mc, params, tokenizer = load_model(path)
+    params_bytes = sum(a.size for a in _leaves(params)) * (4 if config.quantization_encoding != "bfloat16" else 2)
+    resolved = resolve_config(dataclasses.replace(config, model_path=path), mc, devices[0], params_bytes)
+    resolved = dataclasses.replace(resolved, devices=describe(devices))
+    from kernels.paged_attention import resolve_backend
+    backend = resolve_backend(config.attention_backend, devices[0].platform)
+    page_size, pages = resolved.kv_cache_page_size, resolved.kv_cache_pages
+    block_manager = BlockManager(pages, page_size, resolved.enable_prefix_caching)
+    scheduler = Scheduler(block_manager, max_batch_size=resolved.max_batch_size,
+                          max_num_batched_tokens=resolved.max_num_batched_tokens, max_length=resolved.max_length,
+                          max_prefill_seqs=MAX_PREFILL_ROWS, eos_token_ids=tokenizer.eos_token_ids,
+                          max_waiting=resolved.max_waiting_requests)
+    buckets = Buckets.build(resolved.max_batch_size, resolved.max_num_batched_tokens,
+                            -(-resolved.max_length // page_size), MAX_PREFILL_ROWS)
+    runner = ModelRunner(mc, params, dtype=resolved.quantization_encoding, device=devices[0], page_size=page_size,
+                         num_pages=pages, buckets=buckets, attention_backend=backend, seed=resolved.seed)
+    log.info("model %s on %s: %s, %d KV pages of %d tokens, attention=%s", mc.name, resolved.devices,
+             resolved.quantization_encoding, pages, page_size, backend)
+    return LoadedEngineParts(resolved, mc, tokenizer, resolved.devices, block_manager, scheduler, runner)
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _leaves(v)
+    else:
+        yield tree

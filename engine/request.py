@@ -1,0 +1,73 @@
+"""What goes into the engine (Request) and what comes out of it (RequestOutput), plus its errors.
+
+The gRPC server, the offline `LLM` and the tests' fake engine all speak this contract:
+
+    engine.add_request(Request) -> RequestStream   # ValueError (bad request), QueueFullError, DuplicateRequestError
+    engine.abort(request_id) -> None               # frees the request's pages within one step
+    stream.get(timeout=None) -> RequestOutput      # blocks; the last one has finish_reason set
+    for out in stream: ...                         # iterates until the finished output
+"""
+from __future__ import annotations
+
+import enum
+import queue
+from dataclasses import dataclass
+
+from engine.sampling_params import SamplingParams
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"        # EOS or a stop string
+    LENGTH = "length"    # max_tokens or --max-length reached
+    ABORT = "abort"      # cancelled by the client or the server shutting down
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at --max-waiting-requests (gRPC RESOURCE_EXHAUSTED)."""
+
+
+class DuplicateRequestError(ValueError):
+    """A request with this request_id is already in flight (gRPC INVALID_ARGUMENT)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    cache_salt: str = ""
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One streamed event: the tokens sampled since the previous event and their text."""
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    text: str
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+
+
+class RequestStream:
+    """Thread-safe channel of RequestOutput for one request (engine thread puts, consumer gets)."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self._queue: queue.Queue[RequestOutput] = queue.Queue()
+        self.finished = False
+
+    def put(self, output: RequestOutput) -> None:
+        self._queue.put(output)
+
+    def get(self, timeout: float | None = None) -> RequestOutput:
+        """Next output; raises queue.Empty after `timeout` seconds."""
+        out = self._queue.get(timeout=timeout)
+        if out.finish_reason is not None:
+            self.finished = True
+        return out
+
+    def __iter__(self):
+        while not self.finished:
+            yield self.get()

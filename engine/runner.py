@@ -1,0 +1,191 @@
+"""ModelRunner: device state (params, KV pages), shape buckets, and the jitted step.
+
+The scheduler hands it a SchedulerOutput (decodes + prefill chunks); it packs them into padded [B, T]
+blocks whose shapes come from a few buckets, runs one jitted forward + sampling per block, and returns the
+sampled token of every row that samples. The KV pages are donated into each call and come back updated, so
+XLA writes the new K/V in place instead of copying the whole cache every step.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.config import ModelConfig
+from engine.model import Llama, StepInputs
+from engine.sampling import SamplingInputs, sample
+
+log = logging.getLogger(__name__)
+
+
+def powers_of_two_upto(limit: int, start: int = 1) -> tuple[int, ...]:
+    out, b = [], start
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (limit,)
+
+
+def fit(value: int, buckets: tuple[int, ...], what: str) -> int:
+    for b in buckets:
+        if value <= b:
+            return b
+    raise RuntimeError(f"{what}={value} exceeds the largest bucket {buckets[-1]} (scheduler broke its budget)")
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """Every shape the jitted step is compiled for."""
+    batch: tuple[int, ...]         # decode rows
+    tokens: tuple[int, ...]        # prefill chunk length T
+    pages: tuple[int, ...]         # page-table width W
+    max_prefill_rows: int
+
+    @staticmethod
+    def build(max_batch_size: int, max_num_batched_tokens: int, max_pages_per_seq: int,
+              max_prefill_rows: int) -> "Buckets":
+        return Buckets(powers_of_two_upto(max_batch_size), powers_of_two_upto(max_num_batched_tokens, 16),
+                       powers_of_two_upto(max_pages_per_seq), max_prefill_rows)
+
+    def prefill_rows(self, t: int) -> tuple[int, ...]:
+        """Row buckets for chunk bucket t: a group's chunks hold > t/2 tokens each (except the smallest
+        bucket) and at most max_num_batched_tokens together, which bounds the rows."""
+        cap = self.max_prefill_rows if t == self.tokens[0] else max(1, 2 * self.tokens[-1] // t)
+        return powers_of_two_upto(min(cap, self.max_prefill_rows))
+
+    def all_shapes(self) -> list[tuple[int, int, int]]:
+        shapes = [(b, 1, w) for b in self.batch for w in self.pages]
+        shapes += [(r, t, w) for t in self.tokens for r in self.prefill_rows(t) for w in self.pages]
+        return shapes
+
+
+@dataclass(frozen=True)
+class Row:
+    """One sequence's tokens in a step: token_ids[start:start+n]; KV of positions < skip_kv_before
+    is already cached and is not rewritten (full-prompt prefix hits recompute the last token only)."""
+    seq: object
+    start: int
+    n: int
+    skip_kv_before: int
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, params: dict, *, dtype: str, device, page_size: int,
+                 num_pages: int, buckets: Buckets, attention_backend: str, seed: int = 0):
+        self.config = model_config
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.buckets = buckets
+        self.device = device
+        self.dtype = jnp.float32 if dtype == "float32" else jnp.bfloat16
+        self.num_compilations = 0
+        self.seed = seed
+        interpret = attention_backend == "pallas" and device.platform == "cpu"
+        self.model = Llama(model_config, self.dtype, attention_backend, interpret)
+        self.params = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, self.dtype), params), device)
+        c = model_config
+        shape = (c.num_layers, num_pages, page_size, c.num_kv_heads, c.head_dim)
+        zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=jax.sharding.SingleDeviceSharding(device))
+        self.k_cache, self.v_cache = zeros(), zeros()
+        # Donating the caches lets XLA scatter new K/V into the same buffers instead of copying all pages.
+        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2))
+        self._logits = jax.jit(self._logits_fn, donate_argnums=(1, 2))
+
+    # --- jitted bodies (Python side effects run once per trace = once per compilation) ---
+    def _count(self, inputs: StepInputs) -> None:
+        self.num_compilations += 1
+        log.info("compiling step for shape B=%d T=%d W=%d (compilation #%d)", *inputs.tokens.shape,
+                 inputs.page_table.shape[1], self.num_compilations)
+
+    def _step_fn(self, params, k_cache, v_cache, inputs, sampling: SamplingInputs):
+        self._count(inputs)
+        logits_index = jnp.maximum(inputs.query_lens - 1, 0)
+        logits, k_cache, v_cache = self.model.apply({"params": params}, k_cache, v_cache, inputs, logits_index)
+        return sample(logits, sampling), k_cache, v_cache
+
+    def _logits_fn(self, params, k_cache, v_cache, inputs):
+        self._count(inputs)
+        logits, k_cache, v_cache = self.model.apply({"params": params}, k_cache, v_cache, inputs,
+                                                    inputs.query_lens, all_logits=True)
+        return logits, k_cache, v_cache
+
+    # --- host side ---
+    def pack(self, rows: list[Row], B: int, T: int, W: int) -> tuple[StepInputs, SamplingInputs]:
+        """Numpy arrays for `rows`, padded to [B, T] with page tables of width W."""
+        S = self.page_size
+        tokens = np.zeros((B, T), np.int32)
+        positions = np.zeros((B, T), np.int32)
+        slots = np.zeros((B, T), np.int32)          # padding writes go to the null page 0
+        table = np.zeros((B, W), np.int32)
+        ctx, qlen = np.zeros(B, np.int32), np.zeros(B, np.int32)
+        temp, top_p = np.zeros(B, np.float32), np.ones(B, np.float32)
+        top_k, seed, spos = np.zeros(B, np.int32), np.zeros(B, np.uint32), np.zeros(B, np.int32)
+        for i, r in enumerate(rows):
+            seq = r.seq
+            pos = np.arange(r.start, r.start + r.n, dtype=np.int32)
+            bt = np.asarray(seq.block_table, np.int32)
+            tokens[i, :r.n] = seq.token_ids[r.start:r.start + r.n]
+            positions[i, :r.n] = pos
+            slots[i, :r.n] = np.where(pos >= r.skip_kv_before, bt[pos // S] * S + pos % S, 0)
+            npages = -(-(r.start + r.n) // S)
+            table[i, :npages] = bt[:npages]
+            ctx[i], qlen[i] = r.start + r.n, r.n
+            sp = seq.sampling
+            temp[i], top_p[i], top_k[i] = sp.temperature, sp.top_p, sp.top_k
+            seed[i] = (sp.seed if sp.seed is not None else zlib.crc32(f"{self.seed}:{seq.request_id}".encode())) & 0xFFFFFFFF
+            spos[i] = r.start + r.n
+        return (StepInputs(tokens, positions, slots, table, ctx, qlen),
+                SamplingInputs(temp, top_k, top_p, seed, spos))
+
+    def run_rows(self, rows: list[Row], B: int, T: int, W: int) -> np.ndarray:
+        """Runs one padded block; returns the sampled token per row (int32 [len(rows)])."""
+        inputs, sampling = self.pack(rows, B, T, W)
+        tokens, self.k_cache, self.v_cache = self._step(self.params, self.k_cache, self.v_cache, inputs, sampling)
+        return np.asarray(tokens)[:len(rows)]
+
+    def logits_rows(self, rows: list[Row], T: int, W: int) -> np.ndarray:
+        """Test/debug path: float32 logits [len(rows), T, V] of every token (no sampling)."""
+        inputs, _ = self.pack(rows, len(rows), T, W)
+        logits, self.k_cache, self.v_cache = self._logits(self.params, self.k_cache, self.v_cache, inputs)
+        return np.asarray(logits)
+
+    def width_for(self, rows: list[Row]) -> int:
+        need = max(-(-(r.start + r.n) // self.page_size) for r in rows)
+        return fit(need, self.buckets.pages, "pages per sequence")
+
+    def execute(self, output) -> dict[str, int]:
+        """Runs a SchedulerOutput; returns {request_id: sampled token} for decodes and final prefill chunks."""
+        sampled: dict[str, int] = {}
+        if output.decodes:
+            rows = [Row(s, s.num_tokens - 1, 1, s.num_cached_tokens) for s in output.decodes]
+            B = fit(len(rows), self.buckets.batch, "decode batch")
+            for r, tok in zip(rows, self.run_rows(rows, B, 1, self.width_for(rows))):
+                sampled[r.seq.request_id] = int(tok)
+        groups: dict[int, list[Row]] = {}
+        for ch in output.prefills:
+            row = Row(ch.seq, ch.start, ch.num_tokens, ch.seq.num_cached_tokens)
+            groups.setdefault(fit(ch.num_tokens, self.buckets.tokens, "prefill chunk"), []).append(row)
+        for T, rows in sorted(groups.items()):
+            cap = self.buckets.prefill_rows(T)[-1]
+            for i in range(0, len(rows), cap):
+                part = rows[i:i + cap]
+                B = fit(len(part), self.buckets.prefill_rows(T), "prefill rows")
+                for r, tok in zip(part, self.run_rows(part, B, T, self.width_for(part))):
+                    if r.start + r.n == r.seq.num_tokens:
+                        sampled[r.seq.request_id] = int(tok)
+        return sampled
+
+    def warmup(self, shapes: list[tuple[int, int, int]] | None = None) -> float:
+        """Compiles the step for every bucket shape (padding-only inputs write to page 0). Returns seconds."""
+        t0 = time.perf_counter()
+        for B, T, W in shapes if shapes is not None else self.buckets.all_shapes():
+            inputs, sampling = self.pack([], B, T, W)
+            tokens, self.k_cache, self.v_cache = self._step(self.params, self.k_cache, self.v_cache, inputs,
+                                                            sampling)
+        jax.block_until_ready(self.k_cache)
+        return time.perf_counter() - t0

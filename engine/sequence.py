@@ -1,0 +1,57 @@
+"""Sequence: the whole state of one request inside the engine (one object, as in nano-vllm)."""
+from __future__ import annotations
+
+import enum
+import time
+
+from engine.request import FinishReason, Request
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Mutable request state shared by the scheduler, block manager and runner (engine thread only).
+
+    Invariants: KV of token_ids[:num_computed_tokens] is in the pages of block_table;
+    num_cached_tokens <= num_computed_tokens are the prompt tokens that came from the prefix cache at the
+    last admission; len(block_table) * page_size >= num_computed_tokens.
+    """
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.request_id = request.request_id
+        self.sampling = request.sampling
+        self.cache_salt = request.cache_salt
+        self.prompt_len = len(request.prompt_token_ids)
+        self.token_ids: list[int] = list(request.prompt_token_ids)
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0          # prefix-cache hit at the last admission (reported in usage)
+        self.finish_reason: FinishReason | None = None
+        self.arrival_time = time.monotonic()
+        self.num_preemptions = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, pages={self.block_table})")
