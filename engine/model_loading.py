@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_LENGTH = 4096
 MAX_PREFILL_ROWS = 8
 # On CPU the "device memory" is the host's RAM, shared with everything else: cap the KV pool.
-CPU_KV_BUDGET_BYTES = 4 << 30
+CPU_KV_BUDGET_BYTES = 2 << 30
 
 
 @dataclass

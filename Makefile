@@ -1,0 +1,28 @@
+# Two commands do all the set-up: `make serve` (set up + serve the embedded model) and `make test`.
+# Both create/reuse .venv (a Python >= 3.12 is found automatically; see scripts/setup_env.sh).
+PY := .venv/bin/python
+ARGS ?=
+PROMPT ?= What is the capital of France?
+PYTEST_ARGS ?=
+
+.PHONY: setup serve generate test test-fast bench client
+setup:
+	@bash scripts/setup_env.sh
+
+serve: setup
+	$(PY) -m engine.server $(ARGS)
+
+generate: setup
+	$(PY) -m engine.generate --chat --prompt "$(PROMPT)" $(ARGS)
+
+client: setup
+	$(PY) scripts/client.py --chat --prompt "$(PROMPT)" $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) scripts/benchmark.py $(ARGS)
