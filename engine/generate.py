@@ -40,8 +40,10 @@ def main(argv: list[str]) -> int:
         text = fv["prompt"].value
         if fv["chat"].value:
             messages = ([{"role": "system", "content": fv["system"].value}] if fv["system"].value else [])
-            text = tok.apply_chat_template(messages + [{"role": "user", "content": text}])
-        request = Request("generate-0", tuple(tok.encode(text)), sampling)
+            ids = tok.encode_chat(messages + [{"role": "user", "content": text}])
+        else:
+            ids = tok.encode(text)
+        request = Request("generate-0", tuple(ids), sampling)
         stream = engine.add_request(request)
     except (FlagError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

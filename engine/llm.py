@@ -41,7 +41,7 @@ class LLM:
         if isinstance(prompt, str):
             return tuple(self.tokenizer.encode(prompt))
         if _is_chat(prompt):
-            return tuple(self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt)))
+            return tuple(self.tokenizer.encode_chat(prompt))
         if _is_token_ids(prompt):
             return tuple(int(t) for t in prompt)
         raise ValueError(f"prompt {prompt!r:.80} is not a string, a chat message list or a token-id list")
