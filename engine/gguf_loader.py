@@ -130,7 +130,7 @@ def _dequantize(tensor, path: str) -> np.ndarray:
     except NotImplementedError:
         raise ModelLoadError(f"{path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which this "
                              "engine cannot dequantize; supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, "
-                             "Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K") from None
+                             "Q8_0, Q2_K-Q6_K, IQ1-IQ4, TQ1_0/TQ2_0, MXFP4") from None
     except Exception as e:
         raise ModelLoadError(f"{path}: tensor {tensor.name!r} could not be read ({type(e).__name__}: {e}); "
                              "is the file truncated?") from None
