@@ -128,11 +128,12 @@ class LLMEngine:
         """Admits new requests, runs one scheduled batch, streams outputs. Returns the rows it ran."""
         self._drain_inbox()
         output = self.scheduler.schedule()
-        if not output.decodes and not output.prefills:
+        rows = len(output.decodes) + len(output.prefills)
+        sampled = self.runner.execute(output) if rows else {}
+        if not rows and not output.finished:
             return 0
-        sampled = self.runner.execute(output)
         finished = {s.request_id for s in self.scheduler.update(output, sampled)}
-        for rid in sampled:
+        for rid in list(sampled) + [r for r in finished if r not in sampled]:
             state = self._states[rid]
             if rid not in finished and state.absorb():
                 self.scheduler.finish(state.seq, FinishReason.STOP)
@@ -145,7 +146,7 @@ class LLMEngine:
                 out = state.output(finished=False)
                 if out is not None:
                     state.stream.put(out)
-        return len(output.decodes) + len(output.prefills)
+        return rows
 
     def _finish(self, state: RequestState) -> None:
         state.stream.put(state.output(finished=True))

@@ -59,4 +59,4 @@ class RequestState:
             request_id=self.seq.request_id, new_token_ids=new_tokens, text=delta,
             finish_reason=self.seq.finish_reason if finished else None,
             prompt_tokens=self.seq.prompt_len, completion_tokens=self.seq.num_output_tokens,
-            cached_prompt_tokens=self.seq.num_cached_tokens)
+            cached_prompt_tokens=min(self.seq.num_cached_tokens, self.seq.prompt_len))

@@ -17,8 +17,10 @@ class Sequence:
     """Mutable request state shared by the scheduler, block manager and runner (engine thread only).
 
     Invariants: KV of token_ids[:num_computed_tokens] is in the pages of block_table;
-    num_cached_tokens <= num_computed_tokens are the prompt tokens that came from the prefix cache at the
-    last admission; len(block_table) * page_size >= num_computed_tokens.
+    num_cached_tokens are the tokens found in the prefix cache at the last admission (after a full-prompt hit it
+    is num_computed_tokens + 1: the last token is recomputed for its logits without rewriting its KV);
+    len(block_table) * page_size >= num_computed_tokens. Hashed by identity (the block manager keys on it):
+    do not give it __eq__.
     """
 
     def __init__(self, request: Request):
