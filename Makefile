@@ -16,7 +16,7 @@ generate: setup
 	$(PY) -m engine.generate --chat --prompt "$(PROMPT)" $(ARGS)
 
 client: setup
-	$(PY) scripts/client.py --chat --prompt "$(PROMPT)" $(ARGS)
+	$(PY) scripts/client.py --chat "$(PROMPT)" $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

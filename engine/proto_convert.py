@@ -1,0 +1,155 @@
+"""Conversions between the engine.v1 protos and the engine's own objects, validating on the way in.
+
+`build_request` turns a GenerateRequest into an engine `Request` (tokenized, defaults applied) or raises
+InvalidRequest with a message naming the field; `to_response` turns a RequestOutput into a
+GenerateResponse. Nothing a client sends can reach the engine unchecked.
+"""
+from __future__ import annotations
+
+import uuid
+
+from google.protobuf.message import DecodeError
+
+from engine.request import FinishReason, Request, RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.v1 import engine_pb2 as pb
+
+DEFAULT_MAX_TOKENS = 256  # for an unset sampling.max_tokens (lowered to what fits in --max-length)
+_INPUT_ONEOF = pb.GenerateRequest.DESCRIPTOR.oneofs_by_name["input"]
+_INPUT_NUMBERS = frozenset(f.number for f in _INPUT_ONEOF.fields)
+_INPUT_NAMES = ", ".join(f.name for f in _INPUT_ONEOF.fields)
+_FINISH_REASONS = {FinishReason.STOP: pb.GenerateResponse.STOP,
+                   FinishReason.LENGTH: pb.GenerateResponse.LENGTH,
+                   FinishReason.ABORT: pb.GenerateResponse.ABORT}
+
+
+class InvalidRequest(ValueError):
+    """A client error; the message names the offending field (sent as INVALID_ARGUMENT)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Wire -> GenerateRequest. Protobuf silently keeps the last of several oneof members, so a request
+# carrying two inputs would be half-ignored; we look at the raw bytes to reject it instead.
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def input_fields_on_wire(data: bytes) -> set[int]:
+    """Numbers of the `input` oneof's fields present at the top level of a serialized GenerateRequest."""
+    seen, pos = set(), 0
+    while pos < len(data):
+        key, pos = _read_varint(data, pos)
+        if key >> 3 in _INPUT_NUMBERS:
+            seen.add(key >> 3)
+        wire_type = key & 7
+        if wire_type == 0:
+            _, pos = _read_varint(data, pos)
+        elif wire_type == 2:
+            length, pos = _read_varint(data, pos)
+            pos += length
+        elif wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+        else:  # groups: unused by this proto, and the parser has already accepted the bytes
+            break
+    return seen
+
+
+# What the deserializer hands on for bytes that do not parse (gRPC itself would answer INTERNAL for an
+# exception or None, but malformed input is the client's error: INVALID_ARGUMENT).
+UNDECODABLE = object()
+
+
+def parse_generate_request(data: bytes):
+    """The gRPC deserializer: UNDECODABLE for bad bytes; `input` cleared when several inputs were sent."""
+    try:
+        request = pb.GenerateRequest.FromString(data)
+    except DecodeError:
+        return UNDECODABLE
+    if len(input_fields_on_wire(data)) > 1:
+        request.ClearField("input")
+    return request
+
+
+# ---------------------------------------------------------------------------------------------------
+# GenerateRequest -> engine Request (validation)
+
+def _encode_chat(messages, tokenizer) -> list[int]:
+    if not messages:
+        raise InvalidRequest("messages is empty; send at least one ChatMessage")
+    dicts = [{"role": m.role, "content": m.content} for m in messages]
+    try:  # the tokenizer's checks name the field, e.g. "messages[1].role='robot' is not allowed; ..."
+        if hasattr(tokenizer, "encode_chat"):  # the real tokenizer: also keeps a single BOS, like llama.cpp
+            return list(tokenizer.encode_chat(dicts, add_generation_prompt=True))
+        return list(tokenizer.encode(tokenizer.apply_chat_template(dicts, add_generation_prompt=True)))
+    except ValueError as e:
+        raise InvalidRequest(str(e)) from None
+
+
+def prompt_token_ids(request: pb.GenerateRequest, engine) -> tuple[str, list[int]]:
+    """(the input field's name, its token ids); raises InvalidRequest."""
+    kind = request.WhichOneof("input")
+    if kind is None:
+        raise InvalidRequest(f"input: set exactly one of {_INPUT_NAMES} (got none, or several)")
+    if kind == "prompt":
+        if not request.prompt:
+            raise InvalidRequest("prompt is empty")
+        ids = list(engine.tokenizer.encode(request.prompt, add_special_tokens=True))
+    elif kind == "messages":
+        ids = _encode_chat(request.messages.messages, engine.tokenizer)
+    else:
+        ids = list(request.prompt_token_ids.ids)
+        vocab = engine.model_config.vocab_size
+        bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"prompt_token_ids[{bad}]={ids[bad]} is outside the vocabulary; "
+                                 f"token ids must be in [0, {vocab})")
+    if not ids:
+        raise InvalidRequest(f"{kind} is empty" if kind == "prompt_token_ids" else f"{kind} encodes to no tokens")
+    return kind, ids
+
+
+def sampling_params(s: pb.SamplingParams, kind: str, prompt_len: int, max_length: int) -> SamplingParams:
+    """Proto SamplingParams -> engine SamplingParams, applying defaults to unset fields; raises InvalidRequest."""
+    room = max_length - prompt_len
+    if room < 1:
+        raise InvalidRequest(f"{kind}: the prompt has {prompt_len} tokens; at most {max_length - 1} fit "
+                             f"(--max-length={max_length} counts prompt + completion)")
+    try:
+        params = SamplingParams(
+            max_tokens=s.max_tokens if s.HasField("max_tokens") else min(DEFAULT_MAX_TOKENS, room),
+            temperature=s.temperature, top_p=s.top_p if s.HasField("top_p") else 1.0, top_k=s.top_k,
+            seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop), ignore_eos=s.ignore_eos)
+    except ValueError as e:  # SamplingParams names the field: "sampling.top_p=..."
+        raise InvalidRequest(str(e)) from None
+    if params.max_tokens > room:
+        raise InvalidRequest(f"sampling.max_tokens={params.max_tokens} is too large: the prompt has {prompt_len} "
+                             f"tokens and prompt + max_tokens must be <= --max-length={max_length}")
+    return params
+
+
+def build_request(request, engine) -> Request:
+    """Validates and tokenizes one GenerateRequest; raises InvalidRequest naming the field."""
+    if request is UNDECODABLE:
+        raise InvalidRequest("request: not a valid engine.v1.GenerateRequest")
+    kind, ids = prompt_token_ids(request, engine)
+    sampling = sampling_params(request.sampling, kind, len(ids), engine.config.max_length)
+    return Request(request_id=request.request_id or uuid.uuid4().hex, prompt_token_ids=tuple(ids),
+                   sampling=sampling, cache_salt=request.cache_salt)
+
+
+def to_response(out: RequestOutput) -> pb.GenerateResponse:
+    response = pb.GenerateResponse(token_ids=out.new_token_ids, text=out.text)
+    if out.finish_reason is not None:
+        response.finish_reason = _FINISH_REASONS[out.finish_reason]
+        response.usage.prompt_tokens = out.prompt_tokens
+        response.usage.completion_tokens = out.completion_tokens
+        response.usage.cached_prompt_tokens = out.cached_prompt_tokens
+    return response

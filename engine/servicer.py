@@ -1,0 +1,171 @@
+"""EngineServicer: the engine.v1.Engine gRPC service over an LLMEngine (or the tests' FakeEngine).
+
+One Generate call = one engine request: validate and tokenize (engine.proto_convert), `add_request`,
+then stream each RequestOutput until the one with a finish reason. A client that cancels or disconnects
+has its request aborted at once through gRPC's done-callback, so its KV pages go back to the pool.
+The servicer exists before the engine does (health and reflection answer while the model loads):
+until `attach(engine)` and after `drain()`, Generate answers UNAVAILABLE.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+
+import grpc
+
+from engine.metrics import ServerMetrics
+from engine.proto_convert import InvalidRequest, build_request, parse_generate_request, to_response
+from engine.request import DuplicateRequestError, FinishReason, QueueFullError, Request
+from engine.v1 import engine_pb2 as pb
+from engine.v1 import engine_pb2_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Engine"].full_name  # "engine.v1.Engine"
+# How often a stream blocked on the engine re-checks that its client is still connected. The
+# done-callback normally aborts at once; polling only bounds the damage if a callback is ever missed.
+POLL_SECONDS = 0.5
+
+
+class _Call:
+    """One Generate call's end, shared by the streaming loop and gRPC's done-callback (either may win)."""
+
+    def __init__(self, engine, request_id: str, timer):
+        self._engine, self.request_id, self.timer = engine, request_id, timer
+        self._lock = threading.Lock()
+        self._done = False
+
+    def finish(self, reason: FinishReason) -> bool:
+        """Records the outcome once; False if it was already recorded."""
+        with self._lock:
+            if self._done:
+                return False
+            self._done = True
+        if self.timer is not None:
+            self.timer.on_finish(reason)
+        return True
+
+    def cancel(self) -> None:
+        """The RPC ended (cancelled, disconnected, deadline) before the engine finished: free the pages now."""
+        if self.finish(FinishReason.ABORT):
+            self._engine.abort(self.request_id)
+
+
+class EngineServicer(engine_pb2_grpc.EngineServicer):
+    """Generate and GetModelInfo; counts in-flight streams so a shutdown can wait for them."""
+
+    def __init__(self, metrics: ServerMetrics | None = None):
+        self._metrics = metrics
+        self._engine = None
+        self._draining = False
+        self._cond = threading.Condition()
+        self._in_flight = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def attach(self, engine) -> None:
+        """Starts serving requests with `engine` (warmed up and started)."""
+        with self._cond:
+            self._engine = engine
+
+    def drain(self) -> None:
+        """Stops admitting: new calls get UNAVAILABLE; calls already streaming carry on."""
+        with self._cond:
+            self._draining = True
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Blocks until no Generate call is in flight; False if `timeout` passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._in_flight == 0, timeout)
+
+    @property
+    def engine(self):
+        return self._engine
+
+    # -- RPCs ----------------------------------------------------------------------------------------
+    def Generate(self, request, context):
+        engine = self._enter(context)
+        try:
+            yield from self._generate(engine, request, context)
+        finally:
+            with self._cond:
+                self._in_flight -= 1
+                self._cond.notify_all()
+
+    def GetModelInfo(self, request, context):
+        engine = self._engine
+        if engine is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
+        cfg, model = engine.config, engine.model_config
+        return pb.ModelInfo(name=engine.model_name, architecture=model.architecture, vocab_size=model.vocab_size,
+                            max_length=cfg.max_length, page_size=cfg.kv_cache_page_size,
+                            prefix_caching=cfg.enable_prefix_caching, dtype=cfg.quantization_encoding,
+                            devices=engine.device_description)
+
+    # -- Generate, step by step ----------------------------------------------------------------------
+    def _enter(self, context):
+        """The engine to use, counting this call as in flight; UNAVAILABLE while loading or draining."""
+        with self._cond:
+            if self._draining:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            if self._engine is None:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
+            self._in_flight += 1
+            return self._engine
+
+    def _generate(self, engine, request, context):
+        timer = self._metrics.tracker() if self._metrics else None  # TTFT counts tokenization and queueing
+        try:
+            engine_request = build_request(request, engine)
+        except InvalidRequest as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        stream = self._add_request(engine, engine_request, context)
+        call = _Call(engine, engine_request.request_id, timer)
+        if not context.add_callback(call.cancel):
+            call.cancel()  # the RPC already ended between add_request and here
+            return
+        while True:
+            try:
+                out = stream.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                if not context.is_active():
+                    call.cancel()
+                    return
+                continue
+            if call.timer is not None:
+                call.timer.on_tokens(len(out.new_token_ids))
+            if out.finish_reason is not None:
+                call.finish(out.finish_reason)  # before the last yield: the done-callback must not abort
+                yield to_response(out)
+                return
+            yield to_response(out)
+
+    def _add_request(self, engine, engine_request: Request, context):
+        """engine.add_request, mapping its errors to status codes."""
+        try:
+            return engine.add_request(engine_request)
+        except QueueFullError:
+            limit = engine.config.max_waiting_requests
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"the waiting queue is full (--max-waiting-requests={limit}); retry later")
+        except DuplicateRequestError:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"request_id={engine_request.request_id!r} is already in flight; use a unique id")
+        except ValueError as e:  # the engine's own checks name the field
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except RuntimeError:
+            if not self._draining:
+                raise  # an engine bug: let gRPC report UNKNOWN and log the traceback
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+
+
+def add_to_server(servicer: EngineServicer, server: grpc.Server) -> None:
+    """Registers the service like the generated `add_EngineServicer_to_server`, but with a Generate
+    deserializer that rejects several inputs instead of silently keeping the last one."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=parse_generate_request,
+            response_serializer=pb.GenerateResponse.SerializeToString),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo, request_deserializer=pb.GetModelInfoRequest.FromString,
+            response_serializer=pb.ModelInfo.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
