@@ -1,0 +1,35 @@
+"""The one attention entry point the model calls; the backend is chosen once from the engine config.
+
+Backends: "reference" (jnp online softmax over the pages, the CPU default), "pallas" (our Pallas kernels;
+on CPU they run in interpret mode), "auto" (pallas on GPU, reference elsewhere).
+"""
+from __future__ import annotations
+
+# Imported eagerly, not inside the traced call: importing Pallas registers JAX trace-context settings,
+# so a first trace made before that import would be retraced (recompiled) on the next call.
+from kernels import pallas_gpu
+from kernels.reference import paged_attention_reference
+
+BACKENDS = ("auto", "pallas", "reference")
+
+
+def resolve_backend(name: str, platform: str) -> str:
+    """Maps a --attention-backend value and a device platform ('cpu', 'gpu'/'cuda') to 'pallas' or 'reference'."""
+    if name not in BACKENDS:
+        raise ValueError(f"--attention-backend={name!r} is not allowed; choose one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        return "pallas" if platform in ("gpu", "cuda") else "reference"
+    return name
+
+
+def paged_attention(q_btnd, k_cache, v_cache, layer, page_table, context_lens, query_lens, *, scale,
+                    backend: str = "reference", interpret: bool = False):
+    """Causal attention of T queries per row over that row's KV pages. Shapes: see
+    `kernels.reference.paged_attention_reference`; `backend` is a resolved name ('pallas' | 'reference')."""
+    if backend == "reference":
+        return paged_attention_reference(q_btnd, k_cache, v_cache, layer, page_table, context_lens,
+                                         query_lens, scale=scale)
+    if backend == "pallas":
+        return pallas_gpu.paged_attention(q_btnd, k_cache, v_cache, layer, page_table, context_lens,
+                                          query_lens, scale=scale, interpret=interpret)
+    raise ValueError(f"unknown resolved attention backend {backend!r}")
