@@ -34,11 +34,14 @@ class LoadedEngineParts:
     runner: ModelRunner
 
 
-def load_model(path: str):
-    """(ModelConfig, numpy params, Tokenizer) from a GGUF file or an orbax checkpoint directory."""
+def load_model(path: str, devices: list | None = None):
+    """(ModelConfig, params, Tokenizer) from a GGUF file (numpy params) or an orbax checkpoint directory
+    (restored straight onto its shards over `devices` when given, else numpy)."""
     if os.path.isdir(path):
-        from engine.checkpoint import load_checkpoint
-        return load_checkpoint(path)
+        from engine.checkpoint import load_checkpoint, read_checkpoint_config
+        from engine.sharding import Layout
+        layout = Layout.build(read_checkpoint_config(path)[0], devices) if devices else None
+        return load_checkpoint(path, layout.param_shardings() if layout else None)
     config, params, meta = load_gguf(path)
     return config, params, Tokenizer.from_gguf_metadata(meta, source=path)
 
@@ -80,15 +83,36 @@ def resolve_config(config: EngineConfig, mc: ModelConfig, device, params_bytes: 
                                kv_cache_page_size=page_size, kv_cache_pages=int(pages))
 
 
+def enable_compilation_cache() -> None:
+    """Persists compiled step programs across restarts (start-up compiles every bucket; a warm cache turns
+    seconds per bucket into a fraction of one). JAX_COMPILATION_CACHE_DIR overrides the folder; an empty
+    value turns the cache off."""
+    import jax
+    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR",
+                            os.path.join(os.path.expanduser("~"), ".cache", "jax-paged-engine", "xla"))
+    if folder and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", folder)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def load_engine_parts(config: EngineConfig) -> LoadedEngineParts:
+    enable_compilation_cache()
     devices = select_devices(config.devices)
     path = resolve_model_path(config.model_path)
-    mc, params, tokenizer = load_model(path)
+    mc, params, tokenizer = load_model(path, devices)
     params_bytes = sum(a.size for a in _leaves(params)) * (4 if config.quantization_encoding != "bfloat16" else 2)
     resolved = resolve_config(dataclasses.replace(config, model_path=path), mc, devices[0], params_bytes)
     resolved = dataclasses.replace(resolved, devices=describe(devices))
     from kernels.paged_attention import resolve_backend
     backend = resolve_backend(config.attention_backend, devices[0].platform)
+    page_size = resolved.kv_cache_page_size
+    if backend == "pallas" and page_size & (page_size - 1):
+        # The Triton lowering needs power-of-two tiles; the page is one tile of keys.
+        if config.attention_backend == "pallas":
+            raise ValueError(f"--kv-cache-page-size={page_size} is not allowed with --attention-backend=pallas; "
+                             "it must be a power of two (16, 32, 64, 128, 256)")
+        log.warning("page size %d is not a power of two: using the reference attention backend", page_size)
+        backend = "reference"
     page_size, pages = resolved.kv_cache_page_size, resolved.kv_cache_pages
     block_manager = BlockManager(pages, page_size, resolved.enable_prefix_caching)
     scheduler = Scheduler(block_manager, max_batch_size=resolved.max_batch_size,
@@ -98,7 +122,8 @@ def load_engine_parts(config: EngineConfig) -> LoadedEngineParts:
     buckets = Buckets.build(resolved.max_batch_size, resolved.max_num_batched_tokens,
                             -(-resolved.max_length // page_size), MAX_PREFILL_ROWS)
     runner = ModelRunner(mc, params, dtype=resolved.quantization_encoding, device=devices[0], page_size=page_size,
-                         num_pages=pages, buckets=buckets, attention_backend=backend, seed=resolved.seed)
+                         num_pages=pages, buckets=buckets, attention_backend=backend, seed=resolved.seed,
+                         devices=devices)
     log.info("model %s on %s: %s, %d KV pages of %d tokens, attention=%s", mc.name, resolved.devices,
              resolved.quantization_encoding, pages, page_size, backend)
     return LoadedEngineParts(resolved, mc, tokenizer, resolved.devices, block_manager, scheduler, runner)

@@ -48,10 +48,12 @@ def model(request, tiny_gguf_factory):
     return path, NumpyLlama(path)
 
 
+@pytest.mark.parametrize("backend", ["reference", "pallas"])
 @pytest.mark.parametrize("page_size", [16, 128])
-def test_whole_prompt_logits_match_numpy(model, page_size):
+def test_whole_prompt_logits_match_numpy(model, page_size, backend):
+    """Both attention backends (pallas = our GPU kernel in interpret mode on CPU) against the oracle."""
     path, ref = model
-    config, runner = make_runner(path, page_size)
+    config, runner = make_runner(path, page_size, backend=backend)
     seqs = make_seqs(config.vocab_size, page_size, runner.num_pages, np.random.default_rng(0))
     rows = [Row(s, 0, s.num_tokens, 0) for s in seqs]
     logits = runner.logits_rows(rows, T=256, W=runner.width_for(rows))
@@ -92,3 +94,16 @@ def test_decode_step_by_step_equals_full_forward(tiny_gguf):
     for pos in range(s.num_tokens):
         step = runner.logits_rows([Row(s, pos, 1, 0)], T=1, W=4)[0, 0]
         np.testing.assert_allclose(step, full[pos], rtol=1e-5, atol=1e-5)
+
+
+def test_pallas_backend_generates_the_same_greedy_tokens(tiny_gguf):
+    from engine import LLM, SamplingParams
+    opts = dict(max_batch_size=4, max_num_batched_tokens=32, max_length=128, kv_cache_page_size=16,
+                kv_cache_pages=40, enable_prefix_caching=True)
+    rng = np.random.default_rng(3)
+    system = [int(t) for t in rng.integers(3, 300, 20)]
+    prompts = [system + [int(t) for t in rng.integers(3, 300, n)] for n in (3, 17, 40)]
+    sp = SamplingParams(max_tokens=6, ignore_eos=True)
+    ref = LLM(tiny_gguf, attention_backend="reference", **opts).generate(prompts, sp)
+    pal = LLM(tiny_gguf, attention_backend="pallas", **opts).generate(prompts, sp)
+    assert [o.token_ids for o in pal] == [o.token_ids for o in ref]
