@@ -41,6 +41,11 @@ SERVE_FLAGS = (
     ("metrics-port", "integer", 0, "Prometheus /metrics port; 0 = off."),
     ("shutdown-grace-seconds", "float", 10.0, "On SIGTERM/SIGINT, how long in-flight streams may finish "
                                               "before they are aborted."),
+    ("coordinator-address", "string", None, "host:port of process 0's JAX coordinator: one server over several "
+                                            "hosts (unset: one process)."),
+    ("num-processes", "integer", None, "Processes (one per host) in a multi-host server; with "
+                                       "--coordinator-address."),
+    ("process-id", "integer", None, "This process's index in [0, --num-processes); process 0 serves gRPC."),
 )
 _DEFINE = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer, "float": flags.DEFINE_float,
            "bool": flags.DEFINE_boolean}
@@ -58,6 +63,9 @@ class ServeOptions:
     port: int = 50051
     metrics_port: int | None = None   # None = no metrics endpoint
     shutdown_grace_seconds: float = 10.0
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -142,7 +150,14 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> tuple[Engi
         raise FlagError("--host='' is not allowed; give an address such as 127.0.0.1 or 0.0.0.0")
     if value("shutdown-grace-seconds") < 0:
         raise FlagError(f"--shutdown-grace-seconds={value('shutdown-grace-seconds')} is not allowed; it must be >= 0")
+    from engine.distributed import check as check_distributed
+    try:
+        check_distributed(value("coordinator-address"), value("num-processes"), value("process-id"))
+    except ValueError as e:
+        raise FlagError(str(e)) from None
     options = ServeOptions(host=value("host"), port=value("port"), metrics_port=value("metrics-port") or None,
-                           shutdown_grace_seconds=value("shutdown-grace-seconds"))
+                           shutdown_grace_seconds=value("shutdown-grace-seconds"),
+                           coordinator_address=value("coordinator-address"),
+                           num_processes=value("num-processes"), process_id=value("process-id"))
     return config, options
 

@@ -52,8 +52,7 @@ def main(argv: list[str]) -> int:
     first, n = None, 0
     while not stream.finished:
         engine.step()
-        while not stream._queue.empty():
-            out = stream.get()
+        for out in stream.drain():
             first = first or time.perf_counter()
             n += len(out.new_token_ids)
             print(out.text, end="", flush=True)

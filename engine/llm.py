@@ -79,8 +79,7 @@ class LLM:
             for rid, (r, stream, toks, text) in streams.items():
                 if rid in results:
                     continue
-                while not stream._queue.empty():
-                    out = stream.get()
+                for out in stream.drain():
                     toks.extend(out.new_token_ids)
                     text.append(out.text)
                     if out.finish_reason is not None:

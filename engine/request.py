@@ -68,6 +68,18 @@ class RequestStream:
             self.finished = True
         return out
 
+    def drain(self) -> list[RequestOutput]:
+        """Every output available now, without blocking (for callers that step the engine themselves)."""
+        outs = []
+        while True:
+            try:
+                outs.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+            if outs[-1].finish_reason is not None:
+                self.finished = True
+        return outs
+
     def __iter__(self):
         while not self.finished:
             yield self.get()

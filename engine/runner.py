@@ -19,6 +19,7 @@ import numpy as np
 from engine.config import ModelConfig
 from engine.model import Llama, StepInputs
 from engine.sampling import SamplingInputs, sample
+from engine.sharding import Layout
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,10 @@ class Buckets:
     @staticmethod
     def build(max_batch_size: int, max_num_batched_tokens: int, max_pages_per_seq: int,
               max_prefill_rows: int) -> "Buckets":
+        # One page-table width: attention loops only over the pages the longest row uses (kernels/), so
+        # a wider table costs a few int32s, while each extra width would multiply the compiled programs.
         return Buckets(powers_of_two_upto(max_batch_size), powers_of_two_upto(max_num_batched_tokens, 16),
-                       powers_of_two_upto(max_pages_per_seq), max_prefill_rows)
+                       (max_pages_per_seq,), max_prefill_rows)
 
     def prefill_rows(self, t: int) -> tuple[int, ...]:
         """Row buckets for chunk bucket t: a group's chunks hold > t/2 tokens each (except the smallest
@@ -76,7 +79,8 @@ class Row:
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, params: dict, *, dtype: str, device, page_size: int,
-                 num_pages: int, buckets: Buckets, attention_backend: str, seed: int = 0):
+                 num_pages: int, buckets: Buckets, attention_backend: str, seed: int = 0,
+                 devices: list | None = None):
         self.config = model_config
         self.page_size = page_size
         self.num_pages = num_pages
@@ -87,14 +91,21 @@ class ModelRunner:
         self.seed = seed
         interpret = attention_backend == "pallas" and device.platform == "cpu"
         self.model = Llama(model_config, self.dtype, attention_backend, interpret)
-        self.params = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, self.dtype), params), device)
+        # Tensor parallelism over `devices` (default: just `device`): one Layout places params, KV pages and
+        # step inputs (engine/sharding.py); on one device every spec is whole, i.e. plain placement.
+        self.layout = Layout.build(model_config, list(devices) if devices else [device])
+        self.params = self.layout.put_params(params, self.dtype)
         c = model_config
         shape = (c.num_layers, num_pages, page_size, c.num_kv_heads, c.head_dim)
-        zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=jax.sharding.SingleDeviceSharding(device))
+        cache, rep, psh = self.layout.cache_sharding(), self.layout.replicated(), self.layout.param_shardings()
+        zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=cache)
         self.k_cache, self.v_cache = zeros(), zeros()
-        # Donating the caches lets XLA scatter new K/V into the same buffers instead of copying all pages.
-        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2))
-        self._logits = jax.jit(self._logits_fn, donate_argnums=(1, 2))
+        # Donating the caches lets XLA scatter new K/V into the same buffers instead of copying all pages;
+        # pinning their in/out shardings to the same spec keeps every step's donation valid (no reshard).
+        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2), in_shardings=(psh, cache, cache, rep, rep),
+                             out_shardings=(rep, cache, cache))
+        self._logits = jax.jit(self._logits_fn, donate_argnums=(1, 2), in_shardings=(psh, cache, cache, rep),
+                               out_shardings=(rep, cache, cache))
 
     # --- jitted bodies (Python side effects run once per trace = once per compilation) ---
     def _count(self, inputs: StepInputs) -> None:

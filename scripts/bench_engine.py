@@ -86,8 +86,7 @@ def peak_pages_16_shared(llm, system, rng):
         eng.step()
         peak = max(peak, eng.stats().kv_pages_used)
         for s in streams:
-            while not s._queue.empty():
-                s.get()
+            s.drain()
     return peak
 
 
