@@ -121,9 +121,8 @@ def load_engine_parts(config: EngineConfig) -> LoadedEngineParts:
                           max_waiting=resolved.max_waiting_requests)
     buckets = Buckets.build(resolved.max_batch_size, resolved.max_num_batched_tokens,
                             -(-resolved.max_length // page_size), MAX_PREFILL_ROWS)
-    runner = ModelRunner(mc, params, dtype=resolved.quantization_encoding, device=devices[0], page_size=page_size,
-                         num_pages=pages, buckets=buckets, attention_backend=backend, seed=resolved.seed,
-                         devices=devices)
+    runner = ModelRunner(mc, params, dtype=resolved.quantization_encoding, devices=devices, page_size=page_size,
+                         num_pages=pages, buckets=buckets, attention_backend=backend, seed=resolved.seed)
     log.info("model %s on %s: %s, %d KV pages of %d tokens, attention=%s", mc.name, resolved.devices,
              resolved.quantization_encoding, pages, page_size, backend)
     return LoadedEngineParts(resolved, mc, tokenizer, resolved.devices, block_manager, scheduler, runner)

@@ -78,22 +78,21 @@ class Row:
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, params: dict, *, dtype: str, device, page_size: int,
-                 num_pages: int, buckets: Buckets, attention_backend: str, seed: int = 0,
-                 devices: list | None = None):
+    def __init__(self, model_config: ModelConfig, params: dict, *, dtype: str, devices: list, page_size: int,
+                 num_pages: int, buckets: Buckets, attention_backend: str, seed: int = 0):
         self.config = model_config
         self.page_size = page_size
         self.num_pages = num_pages
         self.buckets = buckets
-        self.device = device
+        self.device = devices[0]
         self.dtype = jnp.float32 if dtype == "float32" else jnp.bfloat16
         self.num_compilations = 0
         self.seed = seed
-        interpret = attention_backend == "pallas" and device.platform == "cpu"
+        interpret = attention_backend == "pallas" and self.device.platform == "cpu"
         self.model = Llama(model_config, self.dtype, attention_backend, interpret)
-        # Tensor parallelism over `devices` (default: just `device`): one Layout places params, KV pages and
-        # step inputs (engine/sharding.py); on one device every spec is whole, i.e. plain placement.
-        self.layout = Layout.build(model_config, list(devices) if devices else [device])
+        # Tensor parallelism over `devices`: one Layout places params, KV pages and step inputs
+        # (engine/sharding.py); on one device every spec is whole, i.e. plain placement.
+        self.layout = Layout.build(model_config, list(devices))
         self.params = self.layout.put_params(params, self.dtype)
         c = model_config
         shape = (c.num_layers, num_pages, page_size, c.num_kv_heads, c.head_dim)

@@ -44,7 +44,7 @@ def leaves(tree, prefix=""):
 
 
 def logits_of(config, params, tokens):
-    runner = ModelRunner(config, params, dtype="float32", device=jax.devices("cpu")[0], page_size=16,
+    runner = ModelRunner(config, params, dtype="float32", devices=jax.devices("cpu")[:1], page_size=16,
                          num_pages=8, buckets=Buckets.build(1, 64, 4, 1), attention_backend="reference")
     seq = Sequence(Request("r", tuple(tokens), SamplingParams()))
     seq.block_table = [3, 1, 2]

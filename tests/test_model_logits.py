@@ -26,7 +26,7 @@ def make_runner(path, page_size, num_pages=64, backend="reference"):
     config, params, _ = load_gguf(path)
     import jax
     buckets = Buckets.build(8, 256, num_pages, 8)
-    return config, ModelRunner(config, params, dtype="float32", device=jax.devices("cpu")[0], page_size=page_size,
+    return config, ModelRunner(config, params, dtype="float32", devices=jax.devices("cpu")[:1], page_size=page_size,
                                num_pages=num_pages, buckets=buckets, attention_backend=backend)
 
 
