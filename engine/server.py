@@ -167,12 +167,14 @@ def _fail(message, code: int) -> None:
 def serve(config: EngineConfig, options: ServeOptions, engine_factory: Callable | None = None) -> int:
     """Runs the server until SIGTERM/SIGINT; returns the exit status. `engine_factory(config)` builds
     the engine (default: engine.engine.LLMEngine; the tests pass their FakeEngine)."""
-    from engine.distributed import maybe_initialize, require_single_process
-    try:  # before JAX touches a device
-        maybe_initialize(options.coordinator_address, options.num_processes, options.process_id)
-        require_single_process()
-    except ValueError as e:
-        _fail(e, 2)
+    if options.num_processes:  # multi-host: join the JAX runtime before JAX touches a device
+        std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
+        from engine.distributed import maybe_initialize, require_single_process
+        try:
+            maybe_initialize(options.coordinator_address, options.num_processes, options.process_id)
+            require_single_process()
+        except ValueError as e:
+            _fail(e, 2)
     signals = _Signals()
     workers = config.max_batch_size + config.max_waiting_requests + 8  # every admitted stream holds a thread
     try:
