@@ -176,8 +176,12 @@ class BlockManager:
         seq.num_cached_tokens = len(hit) * self.page_size
         seq.num_computed_tokens = self._computed_after_hit(seq, seq.num_cached_tokens)
         self._committed[seq] = len(hit)
-        self.prefix_cache_queried_tokens += seq.num_tokens
-        self.prefix_cache_hit_tokens += seq.num_cached_tokens
+        if seq.num_preemptions == 0:
+            # A preempted sequence re-admitted mostly hits blocks it computed itself: count (and report)
+            # only the first admission's hit, which is what the prompt really got from the cache.
+            seq.cached_prompt_tokens = min(seq.num_cached_tokens, seq.prompt_len)
+            self.prefix_cache_queried_tokens += seq.num_tokens
+            self.prefix_cache_hit_tokens += seq.num_cached_tokens
 
     def reserve(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Grow block_table to cover num_computed_tokens + num_new_tokens slots with pages from the head

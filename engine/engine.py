@@ -11,6 +11,8 @@ import logging
 import threading
 import time
 
+import numpy as np
+
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_loading import LoadedEngineParts, load_engine_parts
@@ -40,6 +42,7 @@ class LLMEngine:
         self._wakeup = threading.Event()
         self._thread: threading.Thread | None = None
         self._running = False
+        self._rng = np.random.default_rng(self.config.seed)
         self.warmup_seconds = 0.0
 
     # --- request API (any thread) ---
@@ -57,6 +60,10 @@ class LLMEngine:
         if len(ids) + request.sampling.max_tokens > limit:
             raise ValueError(f"sampling.max_tokens={request.sampling.max_tokens} with a {len(ids)}-token prompt "
                              f"exceeds --max-length={limit}; ask for at most {limit - len(ids)}")
+        pages = -(-len(ids) // self.config.kv_cache_page_size)
+        if pages > self.block_manager.num_total_pages:
+            raise ValueError(f"prompt has {len(ids)} tokens, more than the whole KV pool holds "
+                             f"(--kv-cache-pages={self.config.kv_cache_pages})")
         request.sampling.validate()
 
     def add_request(self, request: Request) -> RequestStream:
@@ -87,7 +94,8 @@ class LLMEngine:
         with self._lock:
             self._inbox.append(("reset", result, done))
         self._wakeup.set()
-        done.wait()
+        if not done.wait(timeout=60.0):
+            raise RuntimeError("reset_prefix_cache: the engine loop did not answer within 60 s")
         return result[0]
 
     def stats(self) -> EngineStats:
@@ -102,27 +110,40 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         with self._lock:
-            return bool(self._inbox) or bool(self._states)
+            return bool(self._inbox or self._states or self._pending_ids)
 
     # --- the step (one thread at a time) ---
     def _drain_inbox(self) -> None:
+        # The whole transfer happens under the lock, so add_request's queue check always sees every request
+        # either in the inbox or in the scheduler, never in neither.
         with self._lock:
             items, self._inbox = list(self._inbox), collections.deque()
+            for kind, a, b in items:
+                if kind == "add":
+                    self._admit_locked(a, b)
         for kind, a, b in items:
-            if kind == "add":
-                seq = Sequence(a)
-                detok = IncrementalDetokenizer(self.tokenizer, list(a.prompt_token_ids))
-                with self._lock:
-                    self._pending_ids.discard(a.request_id)
-                    self._states[a.request_id] = RequestState(seq, b, detok)
-                self.scheduler.add(seq)
-            elif kind == "abort":
+            if kind == "abort":
                 seq = self.scheduler.abort(a)
                 if seq is not None:
                     self._finish(self._states[seq.request_id])
-            else:
+            elif kind == "reset":
                 a.append(self.block_manager.reset_prefix_cache())
                 b.set()
+
+    def _admit_locked(self, request: Request, stream: RequestStream) -> None:
+        seq = Sequence(request)
+        if seq.seed is None:  # unseeded: a fresh draw, so equal requests do not sample alike
+            seq.seed = int(self._rng.integers(0, 2 ** 32))
+        state = RequestState(seq, stream, IncrementalDetokenizer(self.tokenizer, list(request.prompt_token_ids)))
+        self._pending_ids.discard(request.request_id)
+        try:
+            self.scheduler.add(seq)
+        except (ValueError, QueueFullError) as e:  # validated requests should never fail here
+            log.warning("request %s refused: %s", request.request_id, e)
+            seq.finish_reason = FinishReason.ABORT
+            stream.put(state.output(finished=True))
+            return
+        self._states[request.request_id] = state
 
     def step(self) -> int:
         """Admits new requests, runs one scheduled batch, streams outputs. Returns the rows it ran."""
@@ -135,23 +156,23 @@ class LLMEngine:
         finished = {s.request_id for s in self.scheduler.update(output, sampled)}
         for rid in list(sampled) + [r for r in finished if r not in sampled]:
             state = self._states[rid]
-            if rid not in finished and state.absorb():
-                self.scheduler.finish(state.seq, FinishReason.STOP)
-                finished.add(rid)
-            if rid in finished:
-                if state.absorb():  # the last token completed a stop string
+            if state.absorb():  # a stop string appeared: it wins over EOS and length
+                if rid in finished:
                     state.seq.finish_reason = FinishReason.STOP
+                else:
+                    self.scheduler.finish(state.seq, FinishReason.STOP)
+                    finished.add(rid)
+            if rid in finished:
                 self._finish(state)
-            else:
-                out = state.output(finished=False)
-                if out is not None:
-                    state.stream.put(out)
+            elif (out := state.output(finished=False)) is not None:
+                state.stream.put(out)
         return rows
 
     def _finish(self, state: RequestState) -> None:
-        state.stream.put(state.output(finished=True))
+        # Leave the in-flight set before the last message goes out, so the client can reuse the id at once.
         with self._lock:
             self._states.pop(state.seq.request_id, None)
+        state.stream.put(state.output(finished=True))
 
     # --- background loop (server) ---
     def warmup(self) -> float:
@@ -175,6 +196,8 @@ class LLMEngine:
                     self._wakeup.clear()
             except Exception:  # a broken step must not leave clients hanging forever
                 log.exception("engine step failed; aborting every in-flight request")
+                if self.runner.recover():  # the donated KV pages died with the step: cached blocks are gone
+                    self.block_manager.reset_prefix_cache()
                 self._abort_all()
 
     def _abort_all(self) -> None:
@@ -197,5 +220,8 @@ class LLMEngine:
         self._wakeup.set()
         if self._thread is not None:
             self._thread.join(timeout=timeout)
+            if self._thread.is_alive():  # still inside a step: it must not race with _abort_all below
+                log.error("engine loop did not stop within %.0f s; leaving it to finish", timeout)
+                return
             self._thread = None
         self._abort_all()

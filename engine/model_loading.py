@@ -118,7 +118,9 @@ def load_engine_parts(config: EngineConfig) -> LoadedEngineParts:
     scheduler = Scheduler(block_manager, max_batch_size=resolved.max_batch_size,
                           max_num_batched_tokens=resolved.max_num_batched_tokens, max_length=resolved.max_length,
                           max_prefill_seqs=MAX_PREFILL_ROWS, eos_token_ids=tokenizer.eos_token_ids,
-                          max_waiting=resolved.max_waiting_requests)
+                          # The engine gates admissions at --max-waiting-requests; preempted sequences
+                          # re-enter the queue on top of that, hence the headroom.
+                          max_waiting=resolved.max_waiting_requests + resolved.max_batch_size)
     buckets = Buckets.build(resolved.max_batch_size, resolved.max_num_batched_tokens,
                             -(-resolved.max_length // page_size), MAX_PREFILL_ROWS)
     runner = ModelRunner(mc, params, dtype=resolved.quantization_encoding, devices=devices, page_size=page_size,

@@ -26,8 +26,8 @@ class RequestState:
         self.stop_at: int | None = None   # text length at which a stop string starts
 
     def absorb(self) -> bool:
-        """Detokenizes tokens not seen yet; returns True when a stop string appeared (the text is cut there
-        and the tokens after the one that completed it are dropped)."""
+        """Detokenizes tokens not seen yet; returns True when a stop string appeared (the text is cut there;
+        the token that completed it is the last one, since a step samples one token per sequence)."""
         out = self.seq.output_token_ids
         while self.seen_tokens < len(out) and self.stop_at is None:
             before = len(self.detok.text)
@@ -37,10 +37,7 @@ class RequestState:
             hits = [i for s in self.stops if (i := text.find(s, max(0, before - len(s) + 1))) >= 0]
             if hits:
                 self.stop_at = min(hits)
-        if self.stop_at is None:
-            return False
-        del self.seq.token_ids[self.seq.prompt_len + self.seen_tokens:]
-        return True
+        return self.stop_at is not None
 
     def output(self, finished: bool) -> RequestOutput | None:
         """The next event: tokens and text not streamed yet (None when there is nothing to send)."""
@@ -59,4 +56,4 @@ class RequestState:
             request_id=self.seq.request_id, new_token_ids=new_tokens, text=delta,
             finish_reason=self.seq.finish_reason if finished else None,
             prompt_tokens=self.seq.prompt_len, completion_tokens=self.seq.num_output_tokens,
-            cached_prompt_tokens=min(self.seq.num_cached_tokens, self.seq.prompt_len))
+            cached_prompt_tokens=self.seq.cached_prompt_tokens)

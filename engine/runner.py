@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
 from dataclasses import dataclass
 
 import jax
@@ -75,6 +74,7 @@ class Row:
     start: int
     n: int
     skip_kv_before: int
+    samples: bool = True
 
 
 class ModelRunner:
@@ -87,6 +87,7 @@ class ModelRunner:
         self.device = devices[0]
         self.dtype = jnp.float32 if dtype == "float32" else jnp.bfloat16
         self.num_compilations = 0
+        self.warm = False            # set by warmup(): every bucket is compiled from then on
         self.seed = seed
         interpret = attention_backend == "pallas" and self.device.platform == "cpu"
         self.model = Llama(model_config, self.dtype, attention_backend, interpret)
@@ -97,8 +98,8 @@ class ModelRunner:
         c = model_config
         shape = (c.num_layers, num_pages, page_size, c.num_kv_heads, c.head_dim)
         cache, rep, psh = self.layout.cache_sharding(), self.layout.replicated(), self.layout.param_shardings()
-        zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=cache)
-        self.k_cache, self.v_cache = zeros(), zeros()
+        self._zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=cache)
+        self.k_cache, self.v_cache = self._zeros(), self._zeros()
         # Donating the caches lets XLA scatter new K/V into the same buffers instead of copying all pages;
         # pinning their in/out shardings to the same spec keeps every step's donation valid (no reshard).
         self._step = jax.jit(self._step_fn, donate_argnums=(1, 2), in_shardings=(psh, cache, cache, rep, rep),
@@ -108,6 +109,9 @@ class ModelRunner:
 
     # --- jitted bodies (Python side effects run once per trace = once per compilation) ---
     def _count(self, inputs: StepInputs) -> None:
+        if self.warm:  # DESIGN: after warm-up an unexpected shape is an error, not a silent recompile
+            raise RuntimeError(f"step traced again after warm-up for B, T = {inputs.tokens.shape}, "
+                               f"W = {inputs.page_table.shape[1]}: not one of the compiled buckets")
         self.num_compilations += 1
         log.info("compiling step for shape B=%d T=%d W=%d (compilation #%d)", *inputs.tokens.shape,
                  inputs.page_table.shape[1], self.num_compilations)
@@ -147,16 +151,20 @@ class ModelRunner:
             ctx[i], qlen[i] = r.start + r.n, r.n
             sp = seq.sampling
             temp[i], top_p[i], top_k[i] = sp.temperature, sp.top_p, sp.top_k
-            seed[i] = (sp.seed if sp.seed is not None else zlib.crc32(f"{self.seed}:{seq.request_id}".encode())) & 0xFFFFFFFF
+            seed[i] = (seq.seed if seq.seed is not None else self.seed) & 0xFFFFFFFF
             spos[i] = r.start + r.n
         return (StepInputs(tokens, positions, slots, table, ctx, qlen),
                 SamplingInputs(temp, top_k, top_p, seed, spos))
 
-    def run_rows(self, rows: list[Row], B: int, T: int, W: int) -> np.ndarray:
-        """Runs one padded block; returns the sampled token per row (int32 [len(rows)])."""
+    def dispatch(self, rows: list[Row], B: int, T: int, W: int) -> jax.Array:
+        """Launches one padded block without waiting for it; returns the device array of sampled tokens [B]."""
         inputs, sampling = self.pack(rows, B, T, W)
         tokens, self.k_cache, self.v_cache = self._step(self.params, self.k_cache, self.v_cache, inputs, sampling)
-        return np.asarray(tokens)[:len(rows)]
+        return tokens
+
+    def run_rows(self, rows: list[Row], B: int, T: int, W: int) -> np.ndarray:
+        """Runs one padded block; returns the sampled token per row (int32 [len(rows)])."""
+        return np.asarray(self.dispatch(rows, B, T, W))[:len(rows)]
 
     def logits_rows(self, rows: list[Row], T: int, W: int) -> np.ndarray:
         """Test/debug path: float32 logits [len(rows), T, V] of every token (no sampling)."""
@@ -169,26 +177,38 @@ class ModelRunner:
         return fit(need, self.buckets.pages, "pages per sequence")
 
     def execute(self, output) -> dict[str, int]:
-        """Runs a SchedulerOutput; returns {request_id: sampled token} for decodes and final prefill chunks."""
-        sampled: dict[str, int] = {}
+        """Runs a SchedulerOutput; returns {request_id: sampled token} for decodes and final prefill chunks.
+        Every block is dispatched before any result is read, so the device never waits on the host between
+        the blocks of one step."""
+        launched: list[tuple[list[Row], jax.Array]] = []
         if output.decodes:
             rows = [Row(s, s.num_tokens - 1, 1, s.num_cached_tokens) for s in output.decodes]
             B = fit(len(rows), self.buckets.batch, "decode batch")
-            for r, tok in zip(rows, self.run_rows(rows, B, 1, self.width_for(rows))):
-                sampled[r.seq.request_id] = int(tok)
+            launched.append((rows, self.dispatch(rows, B, 1, self.width_for(rows))))
         groups: dict[int, list[Row]] = {}
         for ch in output.prefills:
-            row = Row(ch.seq, ch.start, ch.num_tokens, ch.seq.num_cached_tokens)
+            row = Row(ch.seq, ch.start, ch.num_tokens, ch.seq.num_cached_tokens, ch.samples)
             groups.setdefault(fit(ch.num_tokens, self.buckets.tokens, "prefill chunk"), []).append(row)
         for T, rows in sorted(groups.items()):
             cap = self.buckets.prefill_rows(T)[-1]
             for i in range(0, len(rows), cap):
                 part = rows[i:i + cap]
                 B = fit(len(part), self.buckets.prefill_rows(T), "prefill rows")
-                for r, tok in zip(part, self.run_rows(part, B, T, self.width_for(part))):
-                    if r.start + r.n == r.seq.num_tokens:
-                        sampled[r.seq.request_id] = int(tok)
+                launched.append((part, self.dispatch(part, B, T, self.width_for(part))))
+        sampled: dict[str, int] = {}
+        for rows, tokens in launched:
+            for r, tok in zip(rows, np.asarray(tokens)):
+                if r.samples:
+                    sampled[r.seq.request_id] = int(tok)
         return sampled
+
+    def recover(self) -> bool:
+        """After a failed step: if the donated KV pages were consumed, allocate fresh (zero) ones.
+        Returns True when that happened (every cached block is then gone)."""
+        if not (self.k_cache.is_deleted() or self.v_cache.is_deleted()):
+            return False
+        self.k_cache, self.v_cache = self._zeros(), self._zeros()
+        return True
 
     def warmup(self, shapes: list[tuple[int, int, int]] | None = None) -> float:
         """Compiles the step for every bucket shape (padding-only inputs write to page 0). Returns seconds."""
@@ -198,4 +218,5 @@ class ModelRunner:
             tokens, self.k_cache, self.v_cache = self._step(self.params, self.k_cache, self.v_cache, inputs,
                                                             sampling)
         jax.block_until_ready(self.k_cache)
+        self.warm = shapes is None
         return time.perf_counter() - t0

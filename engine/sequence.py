@@ -33,7 +33,9 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
-        self.num_cached_tokens = 0          # prefix-cache hit at the last admission (reported in usage)
+        self.num_cached_tokens = 0          # prefix-cache hit at the last admission (KV not rewritten)
+        self.cached_prompt_tokens = 0       # prompt tokens served from the cache at the first admission (usage)
+        self.seed = request.sampling.seed   # the engine draws one when the request sets none
         self.finish_reason: FinishReason | None = None
         self.arrival_time = time.monotonic()
         self.num_preemptions = 0

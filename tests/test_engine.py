@@ -113,3 +113,67 @@ def test_compilations_are_bounded_by_the_buckets(llm):
     llm.generate(ps, [SamplingParams(max_tokens=int(n)) for n in np.random.default_rng(0).integers(1, 20, 20)])
     assert llm.engine.runner.num_compilations <= len(llm.engine.runner.buckets.all_shapes())
     assert llm.engine.runner.num_compilations - before < 20
+
+
+def test_unseeded_requests_sample_independently(llm):
+    p = prompts(1, llm.engine.model_config.vocab_size, seed=11)[0]
+    a, b = llm.generate([p, p], SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True))
+    assert a.token_ids != b.token_ids
+
+
+def test_after_warmup_an_unexpected_shape_is_an_error(tiny_gguf):
+    small = LLM(tiny_gguf, max_batch_size=2, max_num_batched_tokens=16, max_length=64, kv_cache_page_size=16,
+                kv_cache_pages=16)
+    runner = small.engine.runner
+    small.engine.warmup()
+    assert runner.warm and runner.num_compilations == len(runner.buckets.all_shapes())
+    out = small.generate(prompts(3, 300, seed=12, hi=20), SamplingParams(max_tokens=4, ignore_eos=True))
+    assert all(len(o.token_ids) == 4 for o in out)            # every real shape was compiled
+    with pytest.raises(RuntimeError, match="not one of the compiled buckets"):
+        runner.run_rows([], 3, 1, runner.buckets.pages[0])      # B=3 is no bucket
+
+
+def test_recover_replaces_kv_pages_consumed_by_a_failed_step(llm):
+    runner = llm.engine.runner
+    assert not runner.recover()                                # nothing to do while the pages are alive
+    runner.k_cache.delete()
+    assert runner.recover() and not runner.k_cache.is_deleted()
+    p = prompts(1, llm.engine.model_config.vocab_size, seed=13)[0]
+    assert len(llm.generate(p, SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids) == 3
+
+
+def test_a_full_queue_never_loses_or_hangs_a_request(tiny_gguf):
+    """Many threads race add_request against the engine loop with a tiny waiting queue: each request is
+    either refused with QueueFullError or streams to its end."""
+    import threading
+    from engine.config import EngineConfig
+    from engine.engine import LLMEngine
+    from engine.request import QueueFullError
+    eng = LLMEngine(EngineConfig(model_path=tiny_gguf, max_waiting_requests=2, **OPTS))
+    eng.start()
+    accepted, refused, lock = [], [], threading.Lock()
+
+    def submit(i):
+        req = Request(f"q{i}", tuple(prompts(1, 300, seed=100 + i, hi=30)[0]), SamplingParams(max_tokens=3))
+        try:
+            s = eng.add_request(req)
+            with lock:
+                accepted.append(s)
+        except QueueFullError:
+            with lock:
+                refused.append(i)
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        for s in accepted:
+            last = None
+            while not s.finished:
+                last = s.get(timeout=60)
+            assert last.finish_reason is not None and last.finish_reason.value in ("length", "stop")
+        assert len(accepted) + len(refused) == 24 and accepted
+        assert eng.stats().kv_pages_used == 0
+    finally:
+        eng.shutdown()

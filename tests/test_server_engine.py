@@ -132,6 +132,10 @@ def test_small_pool_preempts_and_still_completes_correctly(tiny_gguf, offline):
         for responses, w in zip(got, want):
             assert [t for r in responses for t in r.token_ids] == list(w.token_ids)
         assert small.engine.stats().preemptions > 0
+        # Unique prompts: a re-admission after preemption hits the request's own blocks, which is not a
+        # prefix-cache hit for the prompt and must not be reported (or counted) as one.
+        assert all(responses[-1].usage.cached_prompt_tokens == 0 for responses in got)
+        assert small.engine.stats().prefix_cache_hit_tokens == 0
         assert small.idle_and_empty()
     finally:
         small.close()
