@@ -43,6 +43,7 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._running = False
         self._rng = np.random.default_rng(self.config.seed)
+        self._published = self._read_stats()
         self.warmup_seconds = 0.0
 
     # --- request API (any thread) ---
@@ -99,6 +100,11 @@ class LLMEngine:
         return result[0]
 
     def stats(self) -> EngineStats:
+        """Counters and gauges. While the loop thread runs, the snapshot it publishes after every step (so a
+        metrics scrape never sees counters from the middle of one); otherwise read now."""
+        return self._published if self._thread is not None else self._read_stats()
+
+    def _read_stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(
             running_requests=self.scheduler.num_running, waiting_requests=self.scheduler.num_waiting,
@@ -147,6 +153,12 @@ class LLMEngine:
 
     def step(self) -> int:
         """Admits new requests, runs one scheduled batch, streams outputs. Returns the rows it ran."""
+        try:
+            return self._step()
+        finally:
+            self._published = self._read_stats()
+
+    def _step(self) -> int:
         self._drain_inbox()
         output = self.scheduler.schedule()
         rows = len(output.decodes) + len(output.prefills)
