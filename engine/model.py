@@ -8,6 +8,7 @@ of all layers ride in the scan carry as two [L, P, S, Hkv, D] arrays, so the sca
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -17,6 +18,8 @@ import numpy as np
 
 from engine.config import ModelConfig
 from kernels.paged_attention import paged_attention
+
+P = jax.sharding.PartitionSpec
 
 
 class StepInputs(NamedTuple):
@@ -66,12 +69,23 @@ def _init(scale: float = 0.02):
     return nn.initializers.normal(scale)
 
 
+def sharded_attention(mesh, **kw):
+    """paged_attention mapped over `mesh`'s 'model' axis: each device attends with its own query heads over
+    its own KV heads' pages. A Pallas kernel is an opaque custom call to XLA's partitioner, which would
+    otherwise gather every KV page onto every device; query heads are grouped by KV head, so contiguous
+    head slices keep each query with its KV head."""
+    heads, pages, rep = P(None, None, "model", None), P(None, None, None, "model", None), P()
+    return jax.shard_map(functools.partial(paged_attention, **kw), mesh=mesh,
+                         in_specs=(heads, pages, pages, rep, rep, rep, rep), out_specs=heads, check_vma=False)
+
+
 class DecoderLayer(nn.Module):
     """One Llama block; called by nn.scan with (carry, layer index, broadcast step data)."""
     config: ModelConfig
     dtype: Any
     attention_backend: str = "reference"
     interpret: bool = False
+    mesh: Any = None     # set for the Pallas backend over several devices (see sharded_attention)
 
     @nn.compact
     def __call__(self, carry, layer, step):
@@ -90,9 +104,10 @@ class DecoderLayer(nn.Module):
             page, offset = slots // k_cache.shape[2], slots % k_cache.shape[2]
             k_cache = k_cache.at[layer, page, offset].set(k.reshape(B * T, K, D).astype(k_cache.dtype))
             v_cache = v_cache.at[layer, page, offset].set(v.reshape(B * T, K, D).astype(v_cache.dtype))
-            o = paged_attention(q, k_cache, v_cache, layer, inputs.page_table, inputs.context_lens,
-                                inputs.query_lens, scale=D ** -0.5, backend=self.attention_backend,
-                                interpret=self.interpret)
+            kw = dict(scale=D ** -0.5, backend=self.attention_backend, interpret=self.interpret)
+            attend = sharded_attention(self.mesh, **kw) if self.mesh is not None else \
+                functools.partial(paged_attention, **kw)
+            o = attend(q, k_cache, v_cache, layer, inputs.page_table, inputs.context_lens, inputs.query_lens)
             x = x + jnp.einsum("bth,hd->btd", o.reshape(B, T, H * D), p("wo", (H * D, d)))
         with jax.named_scope("mlp"):
             h = rms_norm(x, p("mlp_norm", (d,), nn.initializers.ones), c.rms_norm_eps)
@@ -107,6 +122,7 @@ class Llama(nn.Module):
     dtype: Any = jnp.float32
     attention_backend: str = "reference"
     interpret: bool = False
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, k_cache, v_cache, inputs: StepInputs, logits_index, all_logits: bool = False):
@@ -119,7 +135,8 @@ class Llama(nn.Module):
         step = (inputs, jnp.cos(angles), jnp.sin(angles))
         layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(0, nn.broadcast), length=c.num_layers)
-        (x, k_cache, v_cache), _ = layers(c, self.dtype, self.attention_backend, self.interpret, name="layers")(
+        (x, k_cache, v_cache), _ = layers(c, self.dtype, self.attention_backend, self.interpret, self.mesh,
+                                          name="layers")(
             (x, k_cache, v_cache), jnp.arange(c.num_layers, dtype=jnp.int32), step)
         if not all_logits:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]   # [B, d]

@@ -89,11 +89,12 @@ class ModelRunner:
         self.num_compilations = 0
         self.warm = False            # set by warmup(): every bucket is compiled from then on
         self.seed = seed
-        interpret = attention_backend == "pallas" and self.device.platform == "cpu"
-        self.model = Llama(model_config, self.dtype, attention_backend, interpret)
         # Tensor parallelism over `devices`: one Layout places params, KV pages and step inputs
         # (engine/sharding.py); on one device every spec is whole, i.e. plain placement.
         self.layout = Layout.build(model_config, list(devices))
+        interpret = attention_backend == "pallas" and self.device.platform == "cpu"
+        mesh = self.layout.attention_mesh() if attention_backend == "pallas" else None
+        self.model = Llama(model_config, self.dtype, attention_backend, interpret, mesh)
         self.params = self.layout.put_params(params, self.dtype)
         c = model_config
         shape = (c.num_layers, num_pages, page_size, c.num_kv_heads, c.head_dim)

@@ -106,6 +106,13 @@ class Layout:
         """KV pages [L, P, S, Hkv, D]: split on Hkv (axis 3), or replicated (see module docstring)."""
         return self._named(KV_CACHE_AXES)
 
+    def attention_mesh(self) -> Mesh | None:
+        """The mesh to run the Pallas attention kernel under `shard_map` (each device on its own query and KV
+        heads), or None: one device, or KV heads replicated (then GSPMD partitions the jnp attention)."""
+        if self.mesh.devices.size == 1 or dict(self.rules).get("kv_head") != AXIS:
+            return None
+        return self.mesh
+
     def replicated(self) -> NamedSharding:
         """Token ids, positions, page tables, sampling inputs and sampled tokens: on every device."""
         return NamedSharding(self.mesh, P())

@@ -25,10 +25,10 @@ def _describe(array) -> dict:
             "num_shards": len(array.addressable_shards)}
 
 
-def generate(model_path: str, devices: str) -> dict:
+def generate(model_path: str, devices: str, backend: str = "reference") -> dict:
     """Greedy tokens for prompts sharing a prefix, run twice (the second round hits the prefix cache)."""
     from engine import LLM, SamplingParams
-    llm = LLM(model_path, devices=devices, **OPTS)
+    llm = LLM(model_path, devices=devices, attention_backend=backend, **OPTS)
     prompts = [PREFIX + s for s in SUFFIXES]
     sp = SamplingParams(max_tokens=8, ignore_eos=True)
     first = llm.generate(prompts, sp)

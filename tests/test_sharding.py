@@ -103,7 +103,7 @@ def sharded_runs(tiny_gguf_factory, tmp_path_factory):
     jobs = {"distributed": ["initialize", f"127.0.0.1:{port}"], "tp1": ["generate", tp, "cpu:0"], "tp2": ["generate", tp, "cpu:0,1"],
             "tp4": ["generate", tp, "cpu:0,1,2,3"], "kv2_1": ["generate", kv2, "cpu:0"],
             "kv2_4": ["generate", kv2, "cpu:0,1,2,3"], "heads6_4": ["error", h6, "cpu:0,1,2,3"],
-            "restore2": ["restore", ckpt, "cpu:0,1"]}
+            "restore2": ["restore", ckpt, "cpu:0,1"], "tp2_pallas": ["generate", tp, "cpu:0,1", "pallas"]}
     return dict(zip(jobs, run_driver(tmp, list(jobs.values()))))
 
 
@@ -114,6 +114,13 @@ def test_sharded_greedy_tokens_equal_single_device(sharded_runs, run):
     assert many["tokens"] == one["tokens"]
     assert many["again"] == one["tokens"]            # the second round reuses cached prefix pages
     assert many["cached"] == [32, 32, 32]            # two full 16-token pages of the shared 37-token prefix
+
+
+def test_pallas_attention_under_shard_map_equals_single_device(sharded_runs):
+    """The Pallas kernel (interpret mode here) runs per device on its own heads via shard_map."""
+    one, many = sharded_runs["tp1"], sharded_runs["tp2_pallas"]
+    assert many["tokens"] == one["tokens"] and many["again"] == one["tokens"]
+    assert many["k_cache"]["spec"][3] == "model"
 
 
 @pytest.mark.parametrize("run,n", [("tp2", 2), ("tp4", 4)])
