@@ -59,7 +59,7 @@ class LLM:
             raise ValueError(f"got {len(sampling)} SamplingParams for {len(prompts)} prompts")
         requests = [Request(f"offline-{next(self._ids)}", self._prompt_ids(p), s, cache_salt or "")
                     for p, s in zip(prompts, sampling)]
-        for r in requests:
+        for r in requests:  # every prompt checked before any starts: a bad one leaves nothing half-run
             self.engine.validate(r)
         return self._run(requests, use_tqdm)
 

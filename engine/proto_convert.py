@@ -105,12 +105,7 @@ def prompt_token_ids(request: pb.GenerateRequest, engine) -> tuple[str, list[int
     elif kind == "messages":
         ids = _encode_chat(request.messages.messages, engine.tokenizer)
     else:
-        ids = list(request.prompt_token_ids.ids)
-        vocab = engine.model_config.vocab_size
-        bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequest(f"prompt_token_ids[{bad}]={ids[bad]} is outside the vocabulary; "
-                                 f"token ids must be in [0, {vocab})")
+        ids = list(request.prompt_token_ids.ids)   # range-checked by engine.add_request (names the index)
     if not ids:
         raise InvalidRequest(f"{kind} is empty" if kind == "prompt_token_ids" else f"{kind} encodes to no tokens")
     return kind, ids
@@ -129,10 +124,7 @@ def sampling_params(s: pb.SamplingParams, kind: str, prompt_len: int, max_length
             seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop), ignore_eos=s.ignore_eos)
     except ValueError as e:  # SamplingParams names the field: "sampling.top_p=..."
         raise InvalidRequest(str(e)) from None
-    if params.max_tokens > room:
-        raise InvalidRequest(f"sampling.max_tokens={params.max_tokens} is too large: the prompt has {prompt_len} "
-                             f"tokens and prompt + max_tokens must be <= --max-length={max_length}")
-    return params
+    return params   # prompt + max_tokens vs --max-length: checked by engine.add_request
 
 
 def build_request(request, engine) -> Request:

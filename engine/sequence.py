@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import enum
-import time
 
 from engine.request import FinishReason, Request
 
@@ -37,7 +36,6 @@ class Sequence:
         self.cached_prompt_tokens = 0       # prompt tokens served from the cache at the first admission (usage)
         self.seed = request.sampling.seed   # the engine draws one when the request sets none
         self.finish_reason: FinishReason | None = None
-        self.arrival_time = time.monotonic()
         self.num_preemptions = 0
 
     @property

@@ -128,10 +128,14 @@ class FakeEngine:
         ids, limit = request.prompt_token_ids, self.config.max_length
         if not ids:
             raise ValueError("prompt is empty")
-        if any(not 0 <= t < self.model_config.vocab_size for t in ids):
-            raise ValueError("prompt_token_ids: a token id is outside the vocabulary")
+        # The same checks and messages as LLMEngine.validate (the servicer leaves them to the engine).
+        vocab = self.model_config.vocab_size
+        bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids[{bad}]={ids[bad]} is outside the vocabulary [0, {vocab})")
         if len(ids) + request.sampling.max_tokens > limit:
-            raise ValueError(f"prompt + sampling.max_tokens exceeds --max-length={limit}")
+            raise ValueError(f"sampling.max_tokens={request.sampling.max_tokens} with a {len(ids)}-token prompt "
+                             f"exceeds --max-length={limit}; ask for at most {limit - len(ids)}")
         with self._cond:
             live = {s.request.request_id for s in self._waiting} | set(self._running)
             if request.request_id in live:
