@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 
 CACHE_STRATEGIES = ("paged", "continuous")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "q8_0")   # q8_0: int8 weights kept in memory (engine/quantization.py)
 ATTENTION_BACKENDS = ("auto", "pallas", "reference")
 
 

@@ -1,35 +1,55 @@
-"""Flax Llama over a paged KV cache.
+"""Llama over a paged KV cache, on one flattened token batch per step.
 
-One forward serves prefill chunks and decode alike: a [B, T] block of new tokens per step (T = 1 for
-decode). Each layer scatters the chunk's K/V into its pages (slot_mapping), then attends through
-`kernels.paged_attention` to everything in the row's pages. Layers run under `nn.scan` (one compiled layer
-body instead of L copies: compile time matters because every bucket is compiled at start-up); the KV pages
-of all layers ride in the scan carry as two [L, P, S, Hkv, D] arrays, so the scatter updates them in place.
+A step's tokens — decode tokens and prefill chunks of any number of sequences — arrive as one [N] array
+with per-sequence metadata (StepInputs). Each layer writes its new K/V into its own pages (slot_mapping),
+then attends through `kernels.paged_attention` to everything in each sequence's pages. The layer loop is
+unrolled over per-layer params and per-layer KV pools (engine/device_params.py says why: a scan over
+stacked weights makes XLA CPU copy every layer's weights every step); the pools are donated by the
+runner, so each layer's scatter of new K/V is in place.
+
+The model is a plain function of a params pytree (not flax modules): its leaves are per-layer fused
+matrices, float or int8 (engine/quantization.py), which the model reads as they are.
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from engine.config import ModelConfig
+from engine.device_params import FusedShapes
+from engine.quantization import dense, embed_lookup
 from kernels.paged_attention import paged_attention
 
 P = jax.sharding.PartitionSpec
 
 
 class StepInputs(NamedTuple):
-    """Device inputs of one forward (all int32). Padding rows have query_lens 0 and write to page 0."""
-    tokens: jax.Array        # [B, T]
-    positions: jax.Array     # [B, T] absolute position of each token (RoPE)
-    slot_mapping: jax.Array  # [B, T] page * page_size + offset where each token's K/V is written
-    page_table: jax.Array    # [B, W]
-    context_lens: jax.Array  # [B] tokens in the row's pages after this chunk is written
-    query_lens: jax.Array    # [B] valid tokens of the chunk
+    """Device inputs of one step (all int32). Padding tokens sit after the last sequence's and write to
+    page 0; padding rows have no tokens and context 0."""
+    tokens: jax.Array          # [N]
+    positions: jax.Array       # [N] absolute position of each token (RoPE)
+    slot_mapping: jax.Array    # [N] page * page_size + offset where each token's K/V is written
+    page_table: jax.Array      # [R, W]
+    context_lens: jax.Array    # [R] tokens in the row's pages after this step's are written
+    query_start: jax.Array     # [R + 1] row r owns tokens [query_start[r], query_start[r + 1])
+    logits_index: jax.Array    # [R] the token whose logits row r samples from
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything static the forward needs besides the params."""
+    config: ModelConfig
+    fused: FusedShapes
+    dtype: Any
+    attention_backend: str = "reference"
+    interpret: bool = False
+    int8_activations: bool = True   # CPU: W8A8 int8 dots; GPU: weight-only (engine/quantization.py)
+    mesh: Any = None                # set to run attention under shard_map (see sharded_attention)
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
@@ -49,14 +69,14 @@ def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
     return inv.astype(np.float32)
 
 
-def apply_rope(x_btnd: jax.Array, cos_btf: jax.Array, sin_btf: jax.Array) -> jax.Array:
+def apply_rope(x_nhd: jax.Array, cos_nf: jax.Array, sin_nf: jax.Array) -> jax.Array:
     """Rotates interleaved pairs (x[2i], x[2i+1]): llama.cpp's layout, which GGUF's permuted Q/K rows expect."""
-    B, T, N, D = x_btnd.shape
-    x = x_btnd.astype(jnp.float32).reshape(B, T, N, D // 2, 2)
-    c, s = cos_btf[:, :, None, :], sin_btf[:, :, None, :]
+    N, H, D = x_nhd.shape
+    x = x_nhd.astype(jnp.float32).reshape(N, H, D // 2, 2)
+    c, s = cos_nf[:, None, :], sin_nf[:, None, :]
     x0, x1 = x[..., 0], x[..., 1]
     out = jnp.stack([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
-    return out.reshape(B, T, N, D).astype(x_btnd.dtype)
+    return out.reshape(N, H, D).astype(x_nhd.dtype)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -65,83 +85,74 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (y * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def _init(scale: float = 0.02):
-    return nn.initializers.normal(scale)
-
-
 def sharded_attention(mesh, **kw):
     """paged_attention mapped over `mesh`'s 'model' axis: each device attends with its own query heads over
     its own KV heads' pages. A Pallas kernel is an opaque custom call to XLA's partitioner, which would
     otherwise gather every KV page onto every device; query heads are grouped by KV head, so contiguous
     head slices keep each query with its KV head."""
-    heads, pages, rep = P(None, None, "model", None), P(None, None, None, "model", None), P()
+    heads, pages, rep = P(None, "model", None), P(None, None, "model", None), P()
     return jax.shard_map(functools.partial(paged_attention, **kw), mesh=mesh,
-                         in_specs=(heads, pages, pages, rep, rep, rep, rep), out_specs=heads, check_vma=False)
+                         in_specs=(heads, pages, pages, rep, rep, rep), out_specs=heads, check_vma=False)
 
 
-class DecoderLayer(nn.Module):
-    """One Llama block; called by nn.scan with (carry, layer index, broadcast step data)."""
-    config: ModelConfig
-    dtype: Any
-    attention_backend: str = "reference"
-    interpret: bool = False
-    mesh: Any = None     # set for the Pallas backend over several devices (see sharded_attention)
-
-    @nn.compact
-    def __call__(self, carry, layer, step):
-        c = self.config
-        d, H, K, D, F = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
-        x, k_cache, v_cache = carry
-        inputs, cos, sin = step
-        B, T, _ = x.shape
-        p = lambda name, shape, init=_init(): self.param(name, init, shape, self.dtype)  # noqa: E731
-        with jax.named_scope("attention"):
-            h = rms_norm(x, p("attn_norm", (d,), nn.initializers.ones), c.rms_norm_eps)
-            q = apply_rope(jnp.einsum("btd,dh->bth", h, p("wq", (d, H * D))).reshape(B, T, H, D), cos, sin)
-            k = apply_rope(jnp.einsum("btd,dh->bth", h, p("wk", (d, K * D))).reshape(B, T, K, D), cos, sin)
-            v = jnp.einsum("btd,dh->bth", h, p("wv", (d, K * D))).reshape(B, T, K, D)
-            slots = inputs.slot_mapping.reshape(-1)
-            page, offset = slots // k_cache.shape[2], slots % k_cache.shape[2]
-            k_cache = k_cache.at[layer, page, offset].set(k.reshape(B * T, K, D).astype(k_cache.dtype))
-            v_cache = v_cache.at[layer, page, offset].set(v.reshape(B * T, K, D).astype(v_cache.dtype))
-            kw = dict(scale=D ** -0.5, backend=self.attention_backend, interpret=self.interpret)
-            attend = sharded_attention(self.mesh, **kw) if self.mesh is not None else \
-                functools.partial(paged_attention, **kw)
-            o = attend(q, k_cache, v_cache, layer, inputs.page_table, inputs.context_lens, inputs.query_lens)
-            x = x + jnp.einsum("bth,hd->btd", o.reshape(B, T, H * D), p("wo", (H * D, d)))
-        with jax.named_scope("mlp"):
-            h = rms_norm(x, p("mlp_norm", (d,), nn.initializers.ones), c.rms_norm_eps)
-            gate = jnp.einsum("btd,df->btf", h, p("w_gate", (d, F)))
-            up = jnp.einsum("btd,df->btf", h, p("w_up", (d, F)))
-            x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p("w_down", (F, d)))
-        return (x, k_cache, v_cache), None
+def _qkv(spec: ModelSpec, layer: dict, h: jax.Array):
+    """q [N, Hq, D], k, v [N, Hkv, D] from the fused projection (see device_params for the column order)."""
+    c, f = spec.config, spec.fused
+    N, H, K, D = h.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
+    mm = functools.partial(dense, int8_activations=spec.int8_activations)
+    if not f.kv_fused:
+        kv = mm(h, layer["wkv"])
+        return mm(h, layer["wq"]).reshape(N, H, D), kv[:, :K * D].reshape(N, K, D), kv[:, K * D:].reshape(N, K, D)
+    n = f.attn_blocks
+    qkv = mm(h, layer["wqkv"]).reshape(N, n, (H + 2 * K) // n * D)
+    q_cols, kv_cols = H // n * D, K // n * D
+    q = qkv[:, :, :q_cols].reshape(N, H, D)
+    k = qkv[:, :, q_cols:q_cols + kv_cols].reshape(N, K, D)
+    v = qkv[:, :, q_cols + kv_cols:].reshape(N, K, D)
+    return q, k, v
 
 
-class Llama(nn.Module):
-    config: ModelConfig
-    dtype: Any = jnp.float32
-    attention_backend: str = "reference"
-    interpret: bool = False
-    mesh: Any = None
+def _layer(spec: ModelSpec, layer: dict, x, k_pool, v_pool, inputs: StepInputs, cos, sin):
+    """One Llama block over the flat batch: x [N, d]; k_pool/v_pool [P, S, Hkv, D] (returned updated)."""
+    c = spec.config
+    mm = functools.partial(dense, int8_activations=spec.int8_activations)
+    with jax.named_scope("attention"):
+        h = rms_norm(x, layer["attn_norm"], c.rms_norm_eps)
+        q, k, v = _qkv(spec, layer, h)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        S = k_pool.shape[1]
+        page, offset = inputs.slot_mapping // S, inputs.slot_mapping % S
+        k_pool = k_pool.at[page, offset].set(k.astype(k_pool.dtype))
+        v_pool = v_pool.at[page, offset].set(v.astype(v_pool.dtype))
+        kw = dict(scale=c.head_dim ** -0.5, backend=spec.attention_backend, interpret=spec.interpret)
+        attend = sharded_attention(spec.mesh, **kw) if spec.mesh is not None else \
+            functools.partial(paged_attention, **kw)
+        o = attend(q, k_pool, v_pool, inputs.page_table, inputs.context_lens, inputs.query_start)
+        x = x + mm(o.reshape(x.shape[0], -1), layer["wo"])
+    with jax.named_scope("mlp"):
+        h = rms_norm(x, layer["mlp_norm"], c.rms_norm_eps)
+        n = spec.fused.mlp_blocks
+        gu = mm(h, layer["w_gate_up"]).reshape(x.shape[0], n, 2, c.intermediate_size // n)
+        gate, up = gu[:, :, 0].reshape(x.shape[0], -1), gu[:, :, 1].reshape(x.shape[0], -1)
+        x = x + mm(jax.nn.silu(gate) * up, layer["w_down"])
+    return x, k_pool, v_pool
 
-    @nn.compact
-    def __call__(self, k_cache, v_cache, inputs: StepInputs, logits_index, all_logits: bool = False):
-        """Returns (logits, k_cache, v_cache). logits: float32 [B, V] at each row's `logits_index` [B]
-        (or [B, T, V] for every token when all_logits). k_cache/v_cache: [L, P, S, Hkv, D], updated."""
-        c = self.config
-        embed = self.param("embed", _init(), (c.vocab_size, c.hidden_size), self.dtype)
-        x = jnp.take(embed, inputs.tokens, axis=0)
-        angles = inputs.positions[..., None].astype(jnp.float32) * jnp.asarray(rope_inverse_frequencies(c))
-        step = (inputs, jnp.cos(angles), jnp.sin(angles))
-        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(0, nn.broadcast), length=c.num_layers)
-        (x, k_cache, v_cache), _ = layers(c, self.dtype, self.attention_backend, self.interpret, self.mesh,
-                                          name="layers")(
-            (x, k_cache, v_cache), jnp.arange(c.num_layers, dtype=jnp.int32), step)
-        if not all_logits:
-            x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]   # [B, d]
-        x = rms_norm(x, self.param("final_norm", nn.initializers.ones, (c.hidden_size,), self.dtype),
-                     c.rms_norm_eps)
-        lm_head = self.param("lm_head", _init(), (c.hidden_size, c.vocab_size), self.dtype)
-        logits = jnp.einsum("...d,dv->...v", x, lm_head, preferred_element_type=jnp.float32)
-        return logits, k_cache, v_cache
+
+def forward(spec: ModelSpec, params: dict, k_pools: tuple, v_pools: tuple, inputs: StepInputs,
+            all_logits: bool = False):
+    """Returns (logits, k_pools, v_pools). logits: float32 [R, V] at each row's `logits_index` (or [N, V]
+    for every token when all_logits). k_pools/v_pools: tuples of L arrays [P, S, Hkv, D], updated."""
+    c = spec.config
+    x = embed_lookup(params["embed"], inputs.tokens, spec.dtype)
+    angles = inputs.positions[:, None].astype(jnp.float32) * jnp.asarray(rope_inverse_frequencies(c))
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    k_out, v_out = [], []
+    for i, layer in enumerate(params["layers"]):
+        x, k, v = _layer(spec, layer, x, k_pools[i], v_pools[i], inputs, cos, sin)
+        k_out.append(k)
+        v_out.append(v)
+    if not all_logits:
+        x = jnp.take(x, inputs.logits_index, axis=0)                       # [R, d]
+    x = rms_norm(x, params["final_norm"], c.rms_norm_eps)
+    logits = dense(x, params["lm_head"], int8_activations=spec.int8_activations, out_dtype=jnp.float32)
+    return logits, tuple(k_out), tuple(v_out)

@@ -50,6 +50,17 @@ def _page_bytes(mc: ModelConfig, page_size: int, itemsize: int) -> int:
     return 2 * mc.num_layers * page_size * mc.num_kv_heads * mc.head_dim * itemsize
 
 
+def bytes_per_parameter(dtype: str) -> int:
+    """Resident bytes per weight in the encoding the runner keeps (q8_0: int8 plus small scales)."""
+    return {"float32": 4, "bfloat16": 2, "q8_0": 1}[dtype]
+
+
+def resolve_dtype(config: EngineConfig, device) -> str:
+    """--quantization-encoding, or the device's default: float32 on CPU (bf16 dots are slow there), bfloat16
+    elsewhere."""
+    return config.quantization_encoding or ("float32" if device.platform == "cpu" else "bfloat16")
+
+
 def _device_budget(device, utilization: float, params_bytes: int) -> int:
     if device.platform == "cpu":
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -59,9 +70,11 @@ def _device_budget(device, utilization: float, params_bytes: int) -> int:
     return int(limit * utilization - stats.get("bytes_in_use", 0) - params_bytes)
 
 
-def resolve_config(config: EngineConfig, mc: ModelConfig, device, params_bytes: int) -> EngineConfig:
-    """Fills every None: dtype, max_length, page size (continuous = one max-length page), pool size."""
-    dtype = config.quantization_encoding or ("float32" if device.platform == "cpu" else "bfloat16")
+def resolve_config(config: EngineConfig, mc: ModelConfig, device, num_params: int) -> EngineConfig:
+    """Fills every None: dtype, max_length, page size (continuous = one max-length page), pool size (from
+    what the device has left once the weights are resident in the dtype actually used)."""
+    dtype = resolve_dtype(config, device)
+    params_bytes = num_params * bytes_per_parameter(dtype)
     max_length = config.max_length or min(mc.max_position, DEFAULT_MAX_LENGTH)
     if max_length > mc.max_position:
         raise ValueError(f"--max-length={max_length} exceeds the model's context length {mc.max_position}")
@@ -71,7 +84,7 @@ def resolve_config(config: EngineConfig, mc: ModelConfig, device, params_bytes: 
     pages_per_seq = -(-max_length // page_size)
     pages = config.kv_cache_pages
     if pages is None:
-        per_page = _page_bytes(mc, page_size, 4 if dtype == "float32" else 2)
+        per_page = _page_bytes(mc, page_size, 4 if dtype == "float32" or device.platform == "cpu" else 2)
         budget = _device_budget(device, config.device_memory_utilization, params_bytes)
         pages = min(budget // per_page, config.max_batch_size * pages_per_seq * 2) + 1
         if config.cache_strategy == "continuous":
@@ -100,8 +113,8 @@ def load_engine_parts(config: EngineConfig) -> LoadedEngineParts:
     devices = select_devices(config.devices)
     path = resolve_model_path(config.model_path)
     mc, params, tokenizer = load_model(path, devices)
-    params_bytes = sum(a.size for a in _leaves(params)) * (4 if config.quantization_encoding != "bfloat16" else 2)
-    resolved = resolve_config(dataclasses.replace(config, model_path=path), mc, devices[0], params_bytes)
+    num_params = sum(a.size for a in _leaves(params))
+    resolved = resolve_config(dataclasses.replace(config, model_path=path), mc, devices[0], num_params)
     resolved = dataclasses.replace(resolved, devices=describe(devices))
     from kernels.paged_attention import resolve_backend
     backend = resolve_backend(config.attention_backend, devices[0].platform)
@@ -122,9 +135,9 @@ def load_engine_parts(config: EngineConfig) -> LoadedEngineParts:
                           # re-enter the queue on top of that, hence the headroom.
                           max_waiting=resolved.max_waiting_requests + resolved.max_batch_size)
     buckets = Buckets.build(resolved.max_batch_size, resolved.max_num_batched_tokens,
-                            -(-resolved.max_length // page_size), MAX_PREFILL_ROWS)
+                            -(-resolved.max_length // page_size))
     runner = ModelRunner(mc, params, dtype=resolved.quantization_encoding, devices=devices, page_size=page_size,
-                         num_pages=pages, buckets=buckets, attention_backend=backend, seed=resolved.seed)
+                         num_pages=pages, buckets=buckets, attention_backend=backend)
     log.info("model %s on %s: %s, %d KV pages of %d tokens, attention=%s", mc.name, resolved.devices,
              resolved.quantization_encoding, pages, page_size, backend)
     return LoadedEngineParts(resolved, mc, tokenizer, resolved.devices, block_manager, scheduler, runner)

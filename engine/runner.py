@@ -1,9 +1,10 @@
-"""ModelRunner: device state (params, KV pages), shape buckets, and the jitted step.
+"""ModelRunner: device state (params, KV pools), shape buckets, and the one jitted call per engine step.
 
-The scheduler hands it a SchedulerOutput (decodes + prefill chunks); it packs them into padded [B, T]
-blocks whose shapes come from a few buckets, runs one jitted forward + sampling per block, and returns the
-sampled token of every row that samples. The KV pages are donated into each call and come back updated, so
-XLA writes the new K/V in place instead of copying the whole cache every step.
+The scheduler hands it a SchedulerOutput (decodes + prefill chunks); it flattens every scheduled token of
+every sequence into one [N] batch (N padded to a token bucket, R = min(N, max batch) rows of metadata),
+runs one jitted forward + sampling, and returns the sampled token of every row that samples. The KV pools
+are donated into each call and come back updated, so XLA writes the new K/V in place instead of copying
+the whole cache every step.
 """
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from engine.config import ModelConfig
-from engine.model import Llama, StepInputs
+from engine.device_params import FusedShapes, param_bytes, to_device_params
+from engine.model import ModelSpec, StepInputs, forward
 from engine.sampling import SamplingInputs, sample
-from engine.sharding import Layout
+from engine.sharding import AXIS, Layout, check_param_shapes, param_shapes
 
 log = logging.getLogger(__name__)
 
@@ -40,30 +43,23 @@ def fit(value: int, buckets: tuple[int, ...], what: str) -> int:
 
 @dataclass(frozen=True)
 class Buckets:
-    """Every shape the jitted step is compiled for."""
-    batch: tuple[int, ...]         # decode rows
-    tokens: tuple[int, ...]        # prefill chunk length T
-    pages: tuple[int, ...]         # page-table width W
-    max_prefill_rows: int
+    """Every shape the jitted step is compiled for: N tokens (a power of two up to the step's token
+    budget) with R = min(N, max_rows) rows, and one page-table width W (a max-length sequence's pages:
+    attention work follows each row's real context, so a wider table costs a few int32s while each extra
+    width would multiply the compiled programs)."""
+    tokens: tuple[int, ...]
+    max_rows: int
+    width: int
 
     @staticmethod
-    def build(max_batch_size: int, max_num_batched_tokens: int, max_pages_per_seq: int,
-              max_prefill_rows: int) -> "Buckets":
-        # One page-table width: attention loops only over the pages the longest row uses (kernels/), so
-        # a wider table costs a few int32s, while each extra width would multiply the compiled programs.
-        return Buckets(powers_of_two_upto(max_batch_size), powers_of_two_upto(max_num_batched_tokens, 16),
-                       (max_pages_per_seq,), max_prefill_rows)
+    def build(max_batch_size: int, max_num_batched_tokens: int, max_pages_per_seq: int) -> "Buckets":
+        return Buckets(powers_of_two_upto(max_num_batched_tokens), max_batch_size, max_pages_per_seq)
 
-    def prefill_rows(self, t: int) -> tuple[int, ...]:
-        """Row buckets for chunk bucket t: a group's chunks hold > t/2 tokens each (except the smallest
-        bucket) and at most max_num_batched_tokens together, which bounds the rows."""
-        cap = self.max_prefill_rows if t == self.tokens[0] else max(1, 2 * self.tokens[-1] // t)
-        return powers_of_two_upto(min(cap, self.max_prefill_rows))
+    def rows(self, n: int) -> int:
+        return min(n, self.max_rows)
 
-    def all_shapes(self) -> list[tuple[int, int, int]]:
-        shapes = [(b, 1, w) for b in self.batch for w in self.pages]
-        shapes += [(r, t, w) for t in self.tokens for r in self.prefill_rows(t) for w in self.pages]
-        return shapes
+    def all_shapes(self) -> list[tuple[int, int]]:
+        return [(n, self.rows(n)) for n in self.tokens]
 
 
 @dataclass(frozen=True)
@@ -79,145 +75,144 @@ class Row:
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, params: dict, *, dtype: str, devices: list, page_size: int,
-                 num_pages: int, buckets: Buckets, attention_backend: str, seed: int = 0):
+                 num_pages: int, buckets: Buckets, attention_backend: str):
         self.config = model_config
         self.page_size = page_size
         self.num_pages = num_pages
         self.buckets = buckets
         self.device = devices[0]
-        self.dtype = jnp.float32 if dtype == "float32" else jnp.bfloat16
+        self.quantized = dtype == "q8_0"
+        on_cpu = self.device.platform == "cpu"
+        self.dtype = jnp.float32 if dtype == "float32" or (self.quantized and on_cpu) else jnp.bfloat16
         self.num_compilations = 0
         self.warm = False            # set by warmup(): every bucket is compiled from then on
-        self.seed = seed
-        # Tensor parallelism over `devices`: one Layout places params, KV pages and step inputs
+        # Tensor parallelism over `devices`: one Layout places params, KV pools and step inputs
         # (engine/sharding.py); on one device every spec is whole, i.e. plain placement.
         self.layout = Layout.build(model_config, list(devices))
-        interpret = attention_backend == "pallas" and self.device.platform == "cpu"
-        mesh = self.layout.attention_mesh() if attention_backend == "pallas" else None
-        self.model = Llama(model_config, self.dtype, attention_backend, interpret, mesh)
-        self.params = self.layout.put_params(params, self.dtype)
+        fused = FusedShapes.for_layout(self.layout)
+        check_param_shapes(params, param_shapes(model_config))
+        self.params = to_device_params(params, self.layout, fused, self.dtype, quantize=self.quantized)
+        self.param_bytes = param_bytes(self.params)
+        self.spec = ModelSpec(model_config, fused, self.dtype, attention_backend,
+                              interpret=attention_backend == "pallas" and on_cpu, int8_activations=on_cpu,
+                              mesh=self.layout.attention_mesh())
         c = model_config
-        shape = (c.num_layers, num_pages, page_size, c.num_kv_heads, c.head_dim)
-        cache, rep, psh = self.layout.cache_sharding(), self.layout.replicated(), self.layout.param_shardings()
-        self._zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=cache)
-        self.k_cache, self.v_cache = self._zeros(), self._zeros()
-        # Donating the caches lets XLA scatter new K/V into the same buffers instead of copying all pages;
+        shape = (num_pages, page_size, c.num_kv_heads, c.head_dim)
+        pool = NamedSharding(self.layout.mesh, P(None, None, dict(self.layout.rules).get("kv_head"), None))
+        rep = self.layout.replicated()
+        pools = tuple(pool for _ in range(c.num_layers))
+        self._zeros = jax.jit(lambda: tuple(jnp.zeros(shape, self.dtype) for _ in range(c.num_layers)),
+                              out_shardings=pools)
+        self.k_pools, self.v_pools = self._zeros(), self._zeros()
+        # Donating the pools lets XLA scatter new K/V into the same buffers instead of copying all pages;
         # pinning their in/out shardings to the same spec keeps every step's donation valid (no reshard).
-        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2), in_shardings=(psh, cache, cache, rep, rep),
-                             out_shardings=(rep, cache, cache))
-        self._logits = jax.jit(self._logits_fn, donate_argnums=(1, 2), in_shardings=(psh, cache, cache, rep),
-                               out_shardings=(rep, cache, cache))
+        psh = jax.tree.map(lambda a: a.sharding, self.params)
+        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2), in_shardings=(psh, pools, pools, rep, rep),
+                             out_shardings=(rep, pools, pools))
+        self._logits = jax.jit(self._logits_fn, donate_argnums=(1, 2), in_shardings=(psh, pools, pools, rep),
+                               out_shardings=(rep, pools, pools))
 
     # --- jitted bodies (Python side effects run once per trace = once per compilation) ---
     def _count(self, inputs: StepInputs) -> None:
+        N, R = inputs.tokens.shape[0], inputs.context_lens.shape[0]
         if self.warm:  # DESIGN: after warm-up an unexpected shape is an error, not a silent recompile
-            raise RuntimeError(f"step traced again after warm-up for B, T = {inputs.tokens.shape}, "
-                               f"W = {inputs.page_table.shape[1]}: not one of the compiled buckets")
+            raise RuntimeError(f"step traced again after warm-up for N={N}, R={R}, "
+                               f"W={inputs.page_table.shape[1]}: not one of the compiled buckets")
         self.num_compilations += 1
-        log.info("compiling step for shape B=%d T=%d W=%d (compilation #%d)", *inputs.tokens.shape,
-                 inputs.page_table.shape[1], self.num_compilations)
+        log.info("compiling step for N=%d R=%d W=%d (compilation #%d)", N, R, inputs.page_table.shape[1],
+                 self.num_compilations)
 
-    def _step_fn(self, params, k_cache, v_cache, inputs, sampling: SamplingInputs):
+    def _step_fn(self, params, k_pools, v_pools, inputs, sampling: SamplingInputs):
         self._count(inputs)
-        logits_index = jnp.maximum(inputs.query_lens - 1, 0)
-        logits, k_cache, v_cache = self.model.apply({"params": params}, k_cache, v_cache, inputs, logits_index)
-        return sample(logits, sampling), k_cache, v_cache
+        logits, k_pools, v_pools = forward(self.spec, params, k_pools, v_pools, inputs)
+        return sample(logits, sampling), k_pools, v_pools
 
-    def _logits_fn(self, params, k_cache, v_cache, inputs):
-        self._count(inputs)
-        logits, k_cache, v_cache = self.model.apply({"params": params}, k_cache, v_cache, inputs,
-                                                    inputs.query_lens, all_logits=True)
-        return logits, k_cache, v_cache
+    def _logits_fn(self, params, k_pools, v_pools, inputs):
+        return forward(self.spec, params, k_pools, v_pools, inputs, all_logits=True)
 
     # --- host side ---
-    def pack(self, rows: list[Row], B: int, T: int, W: int) -> tuple[StepInputs, SamplingInputs]:
-        """Numpy arrays for `rows`, padded to [B, T] with page tables of width W."""
-        S = self.page_size
-        tokens = np.zeros((B, T), np.int32)
-        positions = np.zeros((B, T), np.int32)
-        slots = np.zeros((B, T), np.int32)          # padding writes go to the null page 0
-        table = np.zeros((B, W), np.int32)
-        ctx, qlen = np.zeros(B, np.int32), np.zeros(B, np.int32)
-        temp, top_p = np.zeros(B, np.float32), np.ones(B, np.float32)
-        top_k, seed, spos = np.zeros(B, np.int32), np.zeros(B, np.uint32), np.zeros(B, np.int32)
+    def pack(self, rows: list[Row], N: int, R: int) -> tuple[StepInputs, SamplingInputs]:
+        """Numpy arrays for `rows` flattened into N tokens (padding after them) and R rows of metadata."""
+        S, W = self.page_size, self.buckets.width
+        tokens, positions = np.zeros(N, np.int32), np.zeros(N, np.int32)
+        slots = np.zeros(N, np.int32)                 # padding writes go to the null page 0
+        table = np.zeros((R, W), np.int32)
+        ctx, starts, last = np.zeros(R, np.int32), np.zeros(R + 1, np.int32), np.zeros(R, np.int32)
+        temp, top_p = np.zeros(R, np.float32), np.ones(R, np.float32)
+        top_k, seed, spos = np.zeros(R, np.int32), np.zeros(R, np.uint32), np.zeros(R, np.int32)
+        at = 0
         for i, r in enumerate(rows):
             seq = r.seq
             pos = np.arange(r.start, r.start + r.n, dtype=np.int32)
             bt = np.asarray(seq.block_table, np.int32)
-            tokens[i, :r.n] = seq.token_ids[r.start:r.start + r.n]
-            positions[i, :r.n] = pos
-            slots[i, :r.n] = np.where(pos >= r.skip_kv_before, bt[pos // S] * S + pos % S, 0)
+            tokens[at:at + r.n] = seq.token_ids[r.start:r.start + r.n]
+            positions[at:at + r.n] = pos
+            slots[at:at + r.n] = np.where(pos >= r.skip_kv_before, bt[pos // S] * S + pos % S, 0)
             npages = -(-(r.start + r.n) // S)
             table[i, :npages] = bt[:npages]
-            ctx[i], qlen[i] = r.start + r.n, r.n
+            ctx[i], last[i] = r.start + r.n, at + r.n - 1
+            at += r.n
             sp = seq.sampling
             temp[i], top_p[i], top_k[i] = sp.temperature, sp.top_p, sp.top_k
-            seed[i] = (seq.seed if seq.seed is not None else self.seed) & 0xFFFFFFFF
-            spos[i] = r.start + r.n
-        return (StepInputs(tokens, positions, slots, table, ctx, qlen),
+            seed[i], spos[i] = (seq.seed or 0) & 0xFFFFFFFF, r.start + r.n   # the engine seeds every request
+        starts[1:len(rows) + 1] = np.cumsum([r.n for r in rows])
+        starts[len(rows) + 1:] = at
+        return (StepInputs(tokens, positions, slots, table, ctx, starts, last),
                 SamplingInputs(temp, top_k, top_p, seed, spos))
 
-    def dispatch(self, rows: list[Row], B: int, T: int, W: int) -> jax.Array:
-        """Launches one padded block without waiting for it; returns the device array of sampled tokens [B]."""
-        inputs, sampling = self.pack(rows, B, T, W)
-        tokens, self.k_cache, self.v_cache = self._step(self.params, self.k_cache, self.v_cache, inputs, sampling)
+    def shape_for(self, rows: list[Row]) -> tuple[int, int]:
+        N = fit(sum(r.n for r in rows), self.buckets.tokens, "tokens in the step")
+        R = self.buckets.rows(N)
+        if len(rows) > R:
+            raise RuntimeError(f"{len(rows)} sequences in a step exceed the {R} rows of bucket N={N}")
+        return N, R
+
+    def dispatch(self, rows: list[Row]) -> jax.Array:
+        """Launches the step for `rows` without waiting; returns the device array of sampled tokens [R]."""
+        inputs, sampling = self.pack(rows, *self.shape_for(rows))
+        tokens, self.k_pools, self.v_pools = self._step(self.params, self.k_pools, self.v_pools, inputs, sampling)
         return tokens
 
-    def run_rows(self, rows: list[Row], B: int, T: int, W: int) -> np.ndarray:
-        """Runs one padded block; returns the sampled token per row (int32 [len(rows)])."""
-        return np.asarray(self.dispatch(rows, B, T, W))[:len(rows)]
+    def logits_rows(self, rows: list[Row], T: int) -> np.ndarray:
+        """Test/debug path: float32 logits [len(rows), T, V] of every token of each row (no sampling)."""
+        inputs, _ = self.pack(rows, *self.shape_for(rows))
+        logits, self.k_pools, self.v_pools = self._logits(self.params, self.k_pools, self.v_pools, inputs)
+        flat = np.asarray(logits)
+        out = np.zeros((len(rows), T, flat.shape[-1]), np.float32)
+        for i, r in enumerate(rows):
+            out[i, :r.n] = flat[inputs.query_start[i]:inputs.query_start[i] + r.n]
+        return out
 
-    def logits_rows(self, rows: list[Row], T: int, W: int) -> np.ndarray:
-        """Test/debug path: float32 logits [len(rows), T, V] of every token (no sampling)."""
-        inputs, _ = self.pack(rows, len(rows), T, W)
-        logits, self.k_cache, self.v_cache = self._logits(self.params, self.k_cache, self.v_cache, inputs)
-        return np.asarray(logits)
-
-    def width_for(self, rows: list[Row]) -> int:
-        need = max(-(-(r.start + r.n) // self.page_size) for r in rows)
-        return fit(need, self.buckets.pages, "pages per sequence")
+    @staticmethod
+    def rows_of(output) -> list[Row]:
+        """A SchedulerOutput's decodes (one token each) and prefill chunks as step rows."""
+        rows = [Row(s, s.num_tokens - 1, 1, s.num_cached_tokens) for s in output.decodes]
+        rows += [Row(ch.seq, ch.start, ch.num_tokens, ch.seq.num_cached_tokens, ch.samples)
+                 for ch in output.prefills]
+        return rows
 
     def execute(self, output) -> dict[str, int]:
-        """Runs a SchedulerOutput; returns {request_id: sampled token} for decodes and final prefill chunks.
-        Every block is dispatched before any result is read, so the device never waits on the host between
-        the blocks of one step."""
-        launched: list[tuple[list[Row], jax.Array]] = []
-        if output.decodes:
-            rows = [Row(s, s.num_tokens - 1, 1, s.num_cached_tokens) for s in output.decodes]
-            B = fit(len(rows), self.buckets.batch, "decode batch")
-            launched.append((rows, self.dispatch(rows, B, 1, self.width_for(rows))))
-        groups: dict[int, list[Row]] = {}
-        for ch in output.prefills:
-            row = Row(ch.seq, ch.start, ch.num_tokens, ch.seq.num_cached_tokens, ch.samples)
-            groups.setdefault(fit(ch.num_tokens, self.buckets.tokens, "prefill chunk"), []).append(row)
-        for T, rows in sorted(groups.items()):
-            cap = self.buckets.prefill_rows(T)[-1]
-            for i in range(0, len(rows), cap):
-                part = rows[i:i + cap]
-                B = fit(len(part), self.buckets.prefill_rows(T), "prefill rows")
-                launched.append((part, self.dispatch(part, B, T, self.width_for(part))))
-        sampled: dict[str, int] = {}
-        for rows, tokens in launched:
-            for r, tok in zip(rows, np.asarray(tokens)):
-                if r.samples:
-                    sampled[r.seq.request_id] = int(tok)
-        return sampled
+        """Runs a SchedulerOutput as ONE device call; returns {request_id: sampled token} for decodes and
+        final prefill chunks."""
+        rows = self.rows_of(output)
+        tokens = np.asarray(self.dispatch(rows))
+        return {r.seq.request_id: int(tok) for r, tok in zip(rows, tokens) if r.samples}
 
     def recover(self) -> bool:
-        """After a failed step: if the donated KV pages were consumed, allocate fresh (zero) ones.
+        """After a failed step: if the donated KV pools were consumed, allocate fresh (zero) ones.
         Returns True when that happened (every cached block is then gone)."""
-        if not (self.k_cache.is_deleted() or self.v_cache.is_deleted()):
+        if not any(a.is_deleted() for a in (*self.k_pools, *self.v_pools)):
             return False
-        self.k_cache, self.v_cache = self._zeros(), self._zeros()
+        self.k_pools, self.v_pools = self._zeros(), self._zeros()
         return True
 
-    def warmup(self, shapes: list[tuple[int, int, int]] | None = None) -> float:
+    def warmup(self, shapes: list[tuple[int, int]] | None = None) -> float:
         """Compiles the step for every bucket shape (padding-only inputs write to page 0). Returns seconds."""
         t0 = time.perf_counter()
-        for B, T, W in shapes if shapes is not None else self.buckets.all_shapes():
-            inputs, sampling = self.pack([], B, T, W)
-            tokens, self.k_cache, self.v_cache = self._step(self.params, self.k_cache, self.v_cache, inputs,
-                                                            sampling)
-        jax.block_until_ready(self.k_cache)
-        self.warm = shapes is None
+        for N, R in shapes if shapes is not None else self.buckets.all_shapes():
+            inputs, sampling = self.pack([], N, R)
+            _, self.k_pools, self.v_pools = self._step(self.params, self.k_pools, self.v_pools, inputs, sampling)
+        jax.block_until_ready(self.k_pools)
+        if shapes is None:
+            self.warm = True
         return time.perf_counter() - t0

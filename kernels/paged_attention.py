@@ -22,14 +22,14 @@ def resolve_backend(name: str, platform: str) -> str:
     return name
 
 
-def paged_attention(q_btnd, k_cache, v_cache, layer, page_table, context_lens, query_lens, *, scale,
+def paged_attention(q_nhd, k_pool, v_pool, page_table, context_lens, query_start, *, scale,
                     backend: str = "reference", interpret: bool = False):
-    """Causal attention of T queries per row over that row's KV pages. Shapes: see
-    `kernels.reference.paged_attention_reference`; `backend` is a resolved name ('pallas' | 'reference')."""
+    """Causal attention of a step's ragged token batch over each sequence's KV pages (one layer). Shapes:
+    see `kernels.reference.paged_attention_reference`; `backend` is a resolved name ('pallas' | 'reference')."""
     if backend == "reference":
-        return paged_attention_reference(q_btnd, k_cache, v_cache, layer, page_table, context_lens,
-                                         query_lens, scale=scale)
+        return paged_attention_reference(q_nhd, k_pool, v_pool, page_table, context_lens, query_start,
+                                         scale=scale)
     if backend == "pallas":
-        return pallas_gpu.paged_attention(q_btnd, k_cache, v_cache, layer, page_table, context_lens,
-                                          query_lens, scale=scale, interpret=interpret)
+        return pallas_gpu.paged_attention(q_nhd, k_pool, v_pool, page_table, context_lens, query_start,
+                                          scale=scale, interpret=interpret)
     raise ValueError(f"unknown resolved attention backend {backend!r}")

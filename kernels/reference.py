@@ -1,83 +1,165 @@
-"""jnp paged attention: the CPU fallback and the tests' oracle.
+"""jnp ragged paged attention: the CPU path (and the oracle the Pallas kernel is checked against).
 
-An online softmax over the row's pages, KEYS_PER_STEP keys (whole pages) per loop step, gathering only
-that step's pages and stopping after the longest row's last page. Measured on the 2-core CPU (SmolLM2
-heads, pages of 128, f32; min of 15) against gathering all W pages then one masked softmax (the first
-version): decode B=16 at 512-2048 tokens 12 vs 19 ms; the same rows of ~512 tokens in a 64-page
-(bucket-padded) table 3.7 vs 125 ms, since work follows the longest context, not the table's width;
-B=64 at ~1k tokens 21 vs 41 ms; prefill T=512 5.3 vs 8.6 ms (B=1) and 64 vs 105 ms (B=4); a 256-token
-chunk over 1,792 cached tokens 19 vs 64 ms. It never materialises a [B, W*S, Hkv, D] copy of the cache.
-Queries are grouped per KV head ('bkrd': rows are (query, head-in-group) pairs): KV is never replicated.
+One call attends every query of a step's flattened token batch to its own sequence's pages. The work is
+cut into *items*: (query tile, group of pages holding ~KEYS_PER_ITEM keys), listed in jnp from the step's
+metadata. A `fori_loop` whose trip count is the number of real items processes ITEMS_PER_CHUNK items per
+iteration: one gather of their pages, one batched matmul for the scores and one for the values, and an
+online-softmax merge into each tile's running (max, sum, accumulator) by segment ops. So the cost follows
+the sum of the real contexts (rounded up to a chunk), not rows x the longest row nor the table's width.
+
+Two tile shapes, because a decode query and a prefill chunk want different ones: a row with one query
+(decode, or a full-prompt prefix hit) is one tile of 1 query; a longer row is cut into tiles of
+PREFILL_TILE queries, each reading only the keys up to its own last query (causal). Queries are grouped
+per KV head (rows of a tile are (query, head-in-group) pairs), so KV is never replicated for GQA.
 """
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 # A large finite negative instead of -inf: fully masked rows (padding) then give 0, not NaN.
 MASK_VALUE = -1e30
-KEYS_PER_STEP = 256
+KEYS_PER_ITEM = 256     # keys (whole pages) one item reads
+ITEMS_PER_CHUNK = 8     # items per loop iteration: ~1.5 MB of K and of V for SmolLM2 (L2-sized)
+PREFILL_TILE = 32       # queries per tile for rows with more than one query
 
 
-def _attend_step(j, carry, *, q_bkrd, q_pos, q_valid, k_cache, v_cache, layer, pages, context_lens, scale):
-    """Online-softmax step j: the C pages pages[j] ([B, C] ids) of every row, i.e. keys [j*C*S, (j+1)*C*S).
-    q_bkrd [B, Hkv, R, D]; q_pos/q_valid [B, R]; carry: m, l [B, Hkv, R] f32 running max / sum, acc
-    [B, Hkv, R, D] f32."""
-    m, l, acc = carry
-    B, Hkv, _, D = q_bkrd.shape
-    C, S = pages.shape[2], k_cache.shape[2]
-    step_pages = lax.dynamic_index_in_dim(pages, j, 0, keepdims=False)              # [B, C]
-    # Gather only this step's pages of this layer ([B, C, S, Hkv, D]), then heads-major for the dots.
-    k_bksd = k_cache[layer, step_pages].reshape(B, C * S, Hkv, D).transpose(0, 2, 1, 3)
-    v_bksd = v_cache[layer, step_pages].reshape(B, C * S, Hkv, D).transpose(0, 2, 1, 3)
-    key_pos = j * C * S + jnp.arange(C * S, dtype=jnp.int32)
+class Tiles(NamedTuple):
+    """Query tiles of one shape (all int32 [NT]); tiles with no items are padding."""
+    row: jax.Array       # the sequence the tile belongs to
+    q0: jax.Array        # token index (in the flat batch) of its first query
+    nq: jax.Array        # valid queries
+    pos0: jax.Array      # position of its first query
+    n_items: jax.Array   # items it reads (0 for a padding tile)
+
+
+def _decode_tiles(context_lens, q_len, query_start, keys_per_item):
+    """One tile per row with exactly one query."""
+    is_decode = q_len == 1
+    n_items = jnp.where(is_decode, -(-context_lens // keys_per_item), 0)
+    R = context_lens.shape[0]
+    return Tiles(jnp.arange(R, dtype=jnp.int32), query_start[:-1], is_decode.astype(jnp.int32),
+                 context_lens - 1, n_items)
+
+
+def _prefill_tiles(context_lens, q_len, query_start, keys_per_item, tile, capacity):
+    """Rows with >= 2 queries cut into tiles of `tile` queries; `capacity` static tiles in all."""
+    per_row = jnp.where(q_len >= 2, -(-q_len // tile), 0)
+    ends = jnp.cumsum(per_row)
+    t = jnp.arange(capacity, dtype=jnp.int32)
+    row = jnp.minimum(jnp.searchsorted(ends, t, side="right"), per_row.shape[0] - 1).astype(jnp.int32)
+    k = t - (ends[row] - per_row[row])
+    valid = t < ends[-1]
+    nq = jnp.where(valid, jnp.minimum(tile, q_len[row] - k * tile), 0)
+    pos0 = context_lens[row] - q_len[row] + k * tile
+    n_items = jnp.where(valid, -(-(pos0 + nq) // keys_per_item), 0)
+    return Tiles(row, query_start[row] + k * tile, nq, pos0, n_items)
+
+
+def _item_list(n_items, capacity):
+    """(tile, key group) of every item, tiles in order; items past the real count get tile = NT (dummy)."""
+    ends = jnp.cumsum(n_items)
+    i = jnp.arange(capacity, dtype=jnp.int32)
+    tile = jnp.searchsorted(ends, i, side="right").astype(jnp.int32)   # NT past the end
+    safe = jnp.minimum(tile, n_items.shape[0] - 1)
+    return tile, i - (ends[safe] - n_items[safe]), ends[-1]
+
+
+def _chunk(c, state, *, tiles: Tiles, item_tile, item_group, q_bkrd, k_pool, v_pool, groups, context_lens,
+           tq, scale):
+    """Online-softmax merge of items [c*CH, (c+1)*CH). State per tile (+1 dummy): m, l [NT+1, Hkv, R],
+    acc [NT+1, Hkv, R, D] float32, where R = tq * G rows of (query, head-in-group)."""
+    m, l, acc = state
+    CH = ITEMS_PER_CHUNK
+    NT = tiles.row.shape[0]
+    P, S, Hkv, D = k_pool.shape
+    C = groups.shape[2]
+    it = lax.dynamic_slice_in_dim(item_tile, c * CH, CH)                 # [CH] tile ids (NT = dummy)
+    grp = lax.dynamic_slice_in_dim(item_group, c * CH, CH)
+    safe = jnp.minimum(it, NT - 1)
+    row = tiles.row[safe]
+    pages = groups[row, grp]                                              # [CH, C]
+    k = k_pool[pages].reshape(CH, C * S, Hkv, D).transpose(0, 2, 1, 3)    # [CH, Hkv, C*S, D]
+    v = v_pool[pages].reshape(CH, C * S, Hkv, D).transpose(0, 2, 1, 3)
+    key_pos = grp[:, None] * (C * S) + jnp.arange(C * S, dtype=jnp.int32)[None]     # [CH, K]
     # Slots past the row's length may hold anything (NaN in tests): 0 * NaN must never reach acc.
-    key_valid = key_pos[None, :] < context_lens[:, None]                             # [B, K]
-    v_bksd = jnp.where(key_valid[:, None, :, None], v_bksd, jnp.zeros((), v_bksd.dtype))
-    s = jnp.einsum("bkrd,bksd->bkrs", q_bkrd, k_bksd, preferred_element_type=jnp.float32) * scale
-    mask = ((key_pos[None, None, :] <= q_pos[:, :, None]) & q_valid[:, :, None])[:, None]
+    v = jnp.where((key_pos < context_lens[row][:, None])[:, None, :, None], v, jnp.zeros((), v.dtype))
+    q = q_bkrd[safe]                                                      # [CH, Hkv, R, D]
+    G = q.shape[2] // tq
+    t = jnp.arange(tq * G, dtype=jnp.int32) // G
+    q_pos = tiles.pos0[safe][:, None] + t[None]                           # [CH, R]
+    q_ok = (t[None] < tiles.nq[safe][:, None]) & (it < NT)[:, None]
+    mask = ((key_pos[:, None, :] <= q_pos[:, :, None]) & q_ok[:, :, None])[:, None]  # [CH, 1, R, K]
+    s = jnp.einsum("ckrd,cksd->ckrs", q, k, preferred_element_type=jnp.float32) * scale
     s = jnp.where(mask, s, MASK_VALUE)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+    m_new = jnp.maximum(m, jax.ops.segment_max(jnp.max(s, -1), it, num_segments=NT + 1))
+    p = jnp.where(mask, jnp.exp(s - m_new[it][..., None]), 0.0)
     alpha = jnp.exp(m - m_new)
-    pv = jnp.einsum("bkrs,bksd->bkrd", p.astype(v_bksd.dtype), v_bksd, preferred_element_type=jnp.float32)
-    return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv
+    pv = jnp.einsum("ckrs,cksd->ckrd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    l = alpha * l + jax.ops.segment_sum(jnp.sum(p, -1), it, num_segments=NT + 1)
+    acc = alpha[..., None] * acc + jax.ops.segment_sum(pv, it, num_segments=NT + 1)
+    return m_new, l, acc
 
 
-def paged_attention_reference(q_btnd, k_cache, v_cache, layer, page_table, context_lens, query_lens, *, scale):
-    """Causal attention of a chunk of queries over a paged KV cache.
+def _attend_tiles(out, q_nhd, k_pool, v_pool, groups, context_lens, tiles: Tiles, *, tq, keys_per_item,
+                  scale):
+    """Adds the attention output of every valid query of `tiles` into out [N, Hq, D] (float32)."""
+    N, Hq, D = q_nhd.shape
+    Hkv = k_pool.shape[2]
+    G, NT = Hq // Hkv, tiles.row.shape[0]
+    # Each tile's queries [NT, tq, Hq, D] -> [NT, Hkv, tq*G, D]: rows are (query, head-in-group) pairs.
+    tok = tiles.q0[:, None] + jnp.arange(tq, dtype=jnp.int32)[None]
+    tok_ok = jnp.arange(tq)[None] < tiles.nq[:, None]
+    q = q_nhd[jnp.where(tok_ok, tok, 0)].reshape(NT, tq, Hkv, G, D).transpose(0, 2, 1, 3, 4)
+    q_bkrd = q.reshape(NT, Hkv, tq * G, D)
+    capacity = -(-NT * groups.shape[1] // ITEMS_PER_CHUNK) * ITEMS_PER_CHUNK
+    item_tile, item_group, total = _item_list(tiles.n_items, capacity)
+    R = tq * G
+    init = (jnp.full((NT + 1, Hkv, R), MASK_VALUE, jnp.float32), jnp.zeros((NT + 1, Hkv, R), jnp.float32),
+            jnp.zeros((NT + 1, Hkv, R, D), jnp.float32))
+    body = functools.partial(_chunk, tiles=tiles, item_tile=item_tile, item_group=item_group, q_bkrd=q_bkrd,
+                             k_pool=k_pool, v_pool=v_pool, groups=groups, context_lens=context_lens, tq=tq,
+                             scale=scale)
+    _, l, acc = lax.fori_loop(0, -(-total // ITEMS_PER_CHUNK), body, init)   # dynamic: real items only
+    l, acc = l[:NT], acc[:NT]
+    o = jnp.where((l > 0.0)[..., None], acc / jnp.where(l > 0.0, l, 1.0)[..., None], 0.0)
+    o = o.reshape(NT, Hkv, tq, G, D).transpose(0, 2, 1, 3, 4).reshape(NT * tq, Hq, D)
+    dest = jnp.where(tok_ok, tok, N).reshape(-1)                            # N: dropped
+    return out.at[dest].add(o, mode="drop")
 
-    q_btnd:       [B, T, Hq, D] queries (T = 1 for decode).
-    k_cache/v_cache: [L, P, S, Hkv, D] pages of every layer (P pages of S slots); Hq % Hkv == 0.
-    layer:        int32 scalar, which layer's pages to read.
-    page_table:   int32 [B, W], the row's pages in order; entries past its length point anywhere (page 0).
-    context_lens: int32 [B], tokens in the row's pages *including* this chunk (already written).
-    query_lens:   int32 [B], valid queries in the row; query t sits at position context_lens - query_lens + t.
-    Returns [B, T, Hq, D] in q's dtype; rows t >= query_lens (and rows with query_lens == 0) are 0.
+
+def paged_attention_reference(q_nhd, k_pool, v_pool, page_table, context_lens, query_start, *, scale):
+    """Causal attention of a ragged token batch over a paged KV cache (one layer).
+
+    q_nhd:        [N, Hq, D] queries of every token of the step, sequence after sequence, padding last.
+    k_pool/v_pool: [P, S, Hkv, D] one layer's pages (P pages of S slots); Hq % Hkv == 0.
+    page_table:   int32 [R, W], sequence r's pages in order; entries past its length point anywhere.
+    context_lens: int32 [R], tokens in sequence r's pages *including* this step's (already written).
+    query_start:  int32 [R + 1], nondecreasing from 0: sequence r owns tokens [query_start[r],
+                  query_start[r+1]); query t of it sits at position context_lens[r] - q_len + t.
+    Returns [N, Hq, D] in q's dtype; padding tokens (>= query_start[R]) are 0.
     """
-    B, T, Hq, D = q_btnd.shape
-    S, Hkv = k_cache.shape[2], k_cache.shape[3]
-    W = page_table.shape[1]
-    G = Hq // Hkv
-    C = max(1, min(W, KEYS_PER_STEP // S))                     # pages per step
+    N, Hq, D = q_nhd.shape
+    R, W = page_table.shape
+    S = k_pool.shape[1]
+    C = max(1, min(W, KEYS_PER_ITEM // S))                    # pages per item
     n_groups = -(-W // C)
     # Pad the table with the null page (its keys lie past every row's length, so they are masked).
-    pages = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, n_groups * C - W)))
-    pages = pages.reshape(B, n_groups, C).transpose(1, 0, 2)                          # [steps, B, C]
-    q_bkrd = q_btnd.reshape(B, T, Hkv, G, D).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, T * G, D)
-    t = jnp.arange(T, dtype=jnp.int32)
-    q_pos = jnp.repeat((context_lens - query_lens)[:, None] + t[None, :], G, axis=1)  # [B, R]
-    q_valid = jnp.repeat(t[None, :] < query_lens[:, None], G, axis=1)
-    step = functools.partial(
-        _attend_step, q_bkrd=q_bkrd, q_pos=q_pos, q_valid=q_valid, pages=pages, context_lens=context_lens,
-        k_cache=k_cache, v_cache=v_cache, layer=layer, scale=scale)
-    R = T * G
-    init = (jnp.full((B, Hkv, R), MASK_VALUE, jnp.float32), jnp.zeros((B, Hkv, R), jnp.float32),
-            jnp.zeros((B, Hkv, R, D), jnp.float32))
-    # A dynamic trip count: pages past the longest row (bucket padding) cost nothing.
-    n_steps = jnp.minimum(-(-jnp.max(context_lens) // (C * S)), n_groups)
-    _, l, acc = lax.fori_loop(0, n_steps, step, init)
-    o = jnp.where((l > 0.0)[..., None], acc / jnp.where(l > 0.0, l, 1.0)[..., None], 0.0)
-    return o.reshape(B, Hkv, T, G, D).transpose(0, 2, 1, 3, 4).reshape(B, T, Hq, D).astype(q_btnd.dtype)
+    groups = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, n_groups * C - W))).reshape(R, n_groups, C)
+    query_start = query_start.astype(jnp.int32)
+    context_lens = context_lens.astype(jnp.int32)
+    q_len = query_start[1:] - query_start[:-1]
+    keys = C * S
+    attend = functools.partial(_attend_tiles, q_nhd=q_nhd, k_pool=k_pool, v_pool=v_pool, groups=groups,
+                               context_lens=context_lens, keys_per_item=keys, scale=scale)
+    out = jnp.zeros((N, Hq, D), jnp.float32)
+    out = attend(out, tiles=_decode_tiles(context_lens, q_len, query_start, keys), tq=1)
+    if N > 1:
+        tile = min(PREFILL_TILE, N)
+        capacity = min(R, N // 2) + N // tile
+        out = attend(out, tiles=_prefill_tiles(context_lens, q_len, query_start, keys, tile, capacity), tq=tile)
+    return out.astype(q_nhd.dtype)

@@ -45,10 +45,10 @@ def leaves(tree, prefix=""):
 
 def logits_of(config, params, tokens):
     runner = ModelRunner(config, params, dtype="float32", devices=jax.devices("cpu")[:1], page_size=16,
-                         num_pages=8, buckets=Buckets.build(1, 64, 4, 1), attention_backend="reference")
+                         num_pages=8, buckets=Buckets.build(1, 64, 4), attention_backend="reference")
     seq = Sequence(Request("r", tuple(tokens), SamplingParams()))
     seq.block_table = [3, 1, 2]
-    return runner.logits_rows([Row(seq, 0, len(tokens), 0)], T=64, W=4)[0, :len(tokens)]
+    return runner.logits_rows([Row(seq, 0, len(tokens), 0)], T=64)[0, :len(tokens)]
 
 
 def test_float32_checkpoint_has_the_same_config_params_and_logits(gguf_path, f32_dir):
@@ -88,7 +88,7 @@ def test_bfloat16_checkpoint_round_trips_and_serves(gguf_path, tmp_path):
     from engine import LLM
     llm = LLM(out, max_batch_size=2, max_num_batched_tokens=32, max_length=64, kv_cache_page_size=16,
               kv_cache_pages=8)
-    assert llm.engine.runner.params["layers"]["wq"].dtype == np.float32
+    assert llm.engine.runner.params["layers"][0]["wqkv"].dtype == np.float32
     out = llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert len(out.token_ids) == 4 and out.finish_reason == "length"
 

@@ -133,14 +133,14 @@ def test_after_warmup_an_unexpected_shape_is_an_error(tiny_gguf):
     out = small.generate(prompts(3, 300, seed=12, hi=20), SamplingParams(max_tokens=4, ignore_eos=True))
     assert all(len(o.token_ids) == 4 for o in out)            # every real shape was compiled
     with pytest.raises(RuntimeError, match="not one of the compiled buckets"):
-        runner.run_rows([], 3, 1, runner.buckets.pages[0])      # B=3 is no bucket
+        runner.warmup([(3, 3)])                                 # N=3 is no bucket
 
 
 def test_recover_replaces_kv_pages_consumed_by_a_failed_step(llm):
     runner = llm.engine.runner
     assert not runner.recover()                                # nothing to do while the pages are alive
-    runner.k_cache.delete()
-    assert runner.recover() and not runner.k_cache.is_deleted()
+    runner.k_pools[0].delete()
+    assert runner.recover() and not runner.k_pools[0].is_deleted()
     p = prompts(1, llm.engine.model_config.vocab_size, seed=13)[0]
     assert len(llm.generate(p, SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids) == 3
 

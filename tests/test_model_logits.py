@@ -25,7 +25,7 @@ def rel_err(a, b):
 def make_runner(path, page_size, num_pages=64, backend="reference"):
     config, params, _ = load_gguf(path)
     import jax
-    buckets = Buckets.build(8, 256, num_pages, 8)
+    buckets = Buckets.build(8, 256, num_pages)
     return config, ModelRunner(config, params, dtype="float32", devices=jax.devices("cpu")[:1], page_size=page_size,
                                num_pages=num_pages, buckets=buckets, attention_backend=backend)
 
@@ -56,7 +56,7 @@ def test_whole_prompt_logits_match_numpy(model, page_size, backend):
     config, runner = make_runner(path, page_size, backend=backend)
     seqs = make_seqs(config.vocab_size, page_size, runner.num_pages, np.random.default_rng(0))
     rows = [Row(s, 0, s.num_tokens, 0) for s in seqs]
-    logits = runner.logits_rows(rows, T=256, W=runner.width_for(rows))
+    logits = runner.logits_rows(rows, T=256)
     for i, s in enumerate(seqs):
         want = ref.logits(s.token_ids)
         assert rel_err(logits[i, :s.num_tokens], want) < 1e-4
@@ -73,14 +73,14 @@ def test_chunked_prefill_then_decode_matches_numpy(model, page_size):
     done = [0] * len(seqs)
     while any(d < p for d, p in zip(done, prefix)):
         rows = [Row(s, d, min(7, p - d), 0) for s, d, p in zip(seqs, done, prefix) if d < p]
-        got = runner.logits_rows(rows, T=16, W=runner.width_for(rows))
+        got = runner.logits_rows(rows, T=16)
         for r, g in zip(rows, got):
             i = seqs.index(r.seq)
             assert rel_err(g[:r.n], want[i][r.start:r.start + r.n]) < 1e-4
             done[i] += r.n
     for step in range(9):
         rows = [Row(s, p + step, 1, 0) for s, p in zip(seqs, prefix) if p + step < s.num_tokens]
-        got = runner.logits_rows(rows, T=1, W=runner.width_for(rows))
+        got = runner.logits_rows(rows, T=1)
         for r, g in zip(rows, got):
             assert rel_err(g[0], want[seqs.index(r.seq)][r.start]) < 1e-4
 
@@ -90,9 +90,9 @@ def test_decode_step_by_step_equals_full_forward(tiny_gguf):
     config, runner = make_runner(tiny_gguf, 16)
     seqs = make_seqs(config.vocab_size, 16, runner.num_pages, np.random.default_rng(2))
     s = seqs[1]
-    full = runner.logits_rows([Row(s, 0, s.num_tokens, 0)], T=64, W=4)[0, :s.num_tokens]
+    full = runner.logits_rows([Row(s, 0, s.num_tokens, 0)], T=64)[0, :s.num_tokens]
     for pos in range(s.num_tokens):
-        step = runner.logits_rows([Row(s, pos, 1, 0)], T=1, W=4)[0, 0]
+        step = runner.logits_rows([Row(s, pos, 1, 0)], T=1)[0, 0]
         np.testing.assert_allclose(step, full[pos], rtol=1e-5, atol=1e-5)
 
 

@@ -1,0 +1,104 @@
+"""Canonical params (engine/sharding.py WEIGHTS: layers stacked, Q/K/V and gate/up separate) -> the params
+the jitted step reads: one dict per layer, Q/K/V fused into one matrix and gate/up into another, each
+placed on its shards, in the compute dtype or kept quantized (engine/quantization.py).
+
+Why per-layer arrays: XLA CPU copies the dynamic slice of a stacked weight that a layer scan reads (every
+layer's weights, every step: ~425 MB per SmolLM2 decode step), while a separate argument per layer is read
+in place. Why fused: one matmul reads the activations once and fills the machine better than three.
+
+Under tensor parallelism a fused matrix must still give each device its own heads and its own slice of
+the MLP. So the columns are interleaved in `n` blocks, block i holding device i's Q heads, then its K and
+V heads (or gate then up columns): splitting the fused columns evenly over the mesh hands each device
+exactly its block. When the KV heads do not divide over the devices they stay replicated, so K/V are
+fused into their own replicated matrix `wkv` beside a sharded `wq`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from engine.config import ModelConfig
+from engine.quantization import QuantizedWeight, quantize_weight
+from engine.sharding import AXIS, Layout
+
+MATRICES = ("wqkv", "wq", "wkv", "wo", "w_gate_up", "w_down", "embed", "lm_head")
+
+
+@dataclass(frozen=True)
+class FusedShapes:
+    """How the fused columns split (static, read by the model): `blocks` interleaved blocks per fused
+    matrix; kv_fused False means wq + wkv instead of wqkv."""
+    attn_blocks: int
+    mlp_blocks: int
+    kv_fused: bool
+
+    @staticmethod
+    def for_layout(layout: Layout) -> "FusedShapes":
+        n, rules = layout.mesh.devices.size, dict(layout.rules)
+        return FusedShapes(attn_blocks=n, mlp_blocks=n if rules.get("mlp") == AXIS else 1,
+                           kv_fused=rules.get("kv_heads") == AXIS or n == 1)
+
+
+def _interleave(parts: list[np.ndarray], blocks: int) -> np.ndarray:
+    """[in, c_i] matrices -> [in, sum c_i], as `blocks` blocks each holding 1/blocks of every part."""
+    split = [np.split(p, blocks, axis=-1) for p in parts]
+    return np.concatenate([s[b] for b in range(blocks) for s in split], axis=-1)
+
+
+def fuse_layer(c: ModelConfig, layers: dict, i: int, fused: FusedShapes) -> dict[str, np.ndarray]:
+    """Layer i of the canonical stacked params, fused (numpy, float32)."""
+    g = {k: np.asarray(v[i], np.float32) for k, v in layers.items()}
+    out = {"attn_norm": g["attn_norm"], "wo": g["wo"], "mlp_norm": g["mlp_norm"], "w_down": g["w_down"],
+           "w_gate_up": _interleave([g["w_gate"], g["w_up"]], fused.mlp_blocks)}
+    if fused.kv_fused:
+        out["wqkv"] = _interleave([g["wq"], g["wk"], g["wv"]], fused.attn_blocks)
+    else:
+        out["wq"], out["wkv"] = g["wq"], np.concatenate([g["wk"], g["wv"]], axis=-1)
+    return out
+
+
+def layer_specs(layout: Layout, fused: FusedShapes) -> dict[str, P]:
+    rules = dict(layout.rules)
+    col = P(None, AXIS)
+    return {"attn_norm": P(), "mlp_norm": P(), "wqkv": col, "wq": col, "wkv": P(),
+            "wo": P(AXIS, None), "w_gate_up": col if fused.mlp_blocks > 1 else P(),
+            "w_down": P(AXIS, None) if rules.get("mlp") == AXIS else P()}
+
+
+def top_specs(layout: Layout) -> dict[str, P]:
+    vocab = dict(layout.rules).get("vocab")
+    return {"embed": P(vocab, None), "lm_head": P(None, vocab), "final_norm": P()}
+
+
+def _place(name: str, array: np.ndarray, spec: P, mesh, dtype, quantize: bool):
+    """Puts one weight on its shards, as `dtype` or (matrices, when quantize) as int8 + scales."""
+    if quantize and name in MATRICES:
+        # Scales run along the output columns (rows for the embedding, which is read by row).
+        w = quantize_weight(array, per_row=name == "embed")
+        scale_axis = spec[0] if name == "embed" else (spec[1] if len(spec) > 1 else None)
+        return QuantizedWeight(jax.device_put(w.q, NamedSharding(mesh, spec)),
+                               jax.device_put(w.scale, NamedSharding(mesh, P(scale_axis))))
+    return jax.device_put(np.asarray(array, dtype), NamedSharding(mesh, spec))
+
+
+def to_device_params(canonical: dict, layout: Layout, fused: FusedShapes, dtype, quantize: bool = False) -> dict:
+    """{'embed', 'final_norm', 'lm_head', 'layers': (L dicts)} on the mesh. `canonical` may hold numpy or
+    jax arrays (an orbax restore); each layer is fused on the host one at a time, so the peak extra host
+    memory is one layer."""
+    c, mesh = layout.config, layout.mesh
+    specs, top = layer_specs(layout, fused), top_specs(layout)
+    layers = []
+    for i in range(c.num_layers):
+        fused_layer = fuse_layer(c, canonical["layers"], i, fused)
+        layers.append({k: _place(k, v, specs[k], mesh, dtype, quantize) for k, v in fused_layer.items()})
+    out = {k: _place(k, np.asarray(canonical[k], np.float32), top[k], mesh, dtype, quantize) for k in top}
+    out["layers"] = tuple(layers)
+    return out
+
+
+def param_bytes(params) -> int:
+    """Bytes the placed params hold (per device copy summed over shards' logical size)."""
+    return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params)))

@@ -1,0 +1,72 @@
+"""int8 weights kept in memory (`--quantization-encoding q8_0`) and the matmul that reads them.
+
+A weight is int8 [in, out] with one float32 scale per output column (symmetric, absmax / 127). Why per
+column and not GGUF Q8_0's blocks of 32: the scale then factors out of the dot, so the product is one
+integer matmul followed by a rescale of its [M, out] result; block scales would need a partial sum per
+block (an [M, in/32, out] intermediate), which XLA CPU cannot fuse and would cost more than the weights.
+
+CPU (XLA has no fused dequantize-into-dot: `dot(f32, convert(s8))` writes the whole float weight first):
+activations are quantized per token to int8 on the fly, as llama.cpp does for its Q8 dot products, and
+the dot runs s8 x s8 -> s32 natively (a YNNPACK fusion) — but only for M >= 2, so one row is padded to
+two. GPU: weight-only, `dot(x_bf16, convert(w))` which XLA GPU fuses into its matmul.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class QuantizedWeight(NamedTuple):
+    """q int8 [in, out] (or [rows, cols] for the embedding, scaled per row); scale float32 [out] / [rows]."""
+    q: jax.Array
+    scale: jax.Array
+
+
+def quantize_weight(w: np.ndarray, per_row: bool = False) -> QuantizedWeight:
+    """Symmetric int8 of a [rows, cols] matrix with one scale per column (per row when per_row): the
+    largest |w| of each column (row) maps to 127."""
+    w = np.asarray(w, np.float32)
+    amax = np.max(np.abs(w), axis=1 if per_row else 0)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    shaped = scale[:, None] if per_row else scale[None, :]
+    q = np.clip(np.rint(w / shaped), -127, 127).astype(np.int8)
+    return QuantizedWeight(q, scale)
+
+
+def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-row symmetric int8 of activations x [M, K] float32 -> (int8 [M, K], float32 scale [M])."""
+    amax = jnp.max(jnp.abs(x), axis=-1)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    return jnp.clip(jnp.round(x / scale[:, None]), -127, 127).astype(jnp.int8), scale
+
+
+def int8_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+    """x [M, K] float32 @ w (int8 [K, N], scale [N]) -> float32 [M, N], via an s8 x s8 -> s32 dot."""
+    M = x.shape[0]
+    if M == 1:   # XLA CPU widens both operands to s32 at M = 1 instead of using its int8 kernel
+        return int8_matmul(jnp.concatenate([x, jnp.zeros_like(x)]), w)[:1]
+    xq, sx = quantize_rows(x)
+    acc = jax.lax.dot_general(xq, w.q, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    return acc.astype(jnp.float32) * sx[:, None] * w.scale[None, :]
+
+
+def dense(x: jax.Array, w, *, int8_activations: bool, out_dtype=None) -> jax.Array:
+    """x [M, K] @ w for a float or a QuantizedWeight matrix, accumulated in float32; the result in
+    `out_dtype` (default: x's dtype)."""
+    out_dtype = out_dtype or x.dtype
+    if not isinstance(w, QuantizedWeight):
+        return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+    if int8_activations:
+        return int8_matmul(x.astype(jnp.float32), w).astype(out_dtype)
+    y = jnp.dot(x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)
+    return (y * w.scale[None, :]).astype(out_dtype)
+
+
+def embed_lookup(embed, tokens: jax.Array, dtype) -> jax.Array:
+    """Rows of the token embedding [V, d] (float, or int8 scaled per row) for tokens [N] -> [N, d]."""
+    if not isinstance(embed, QuantizedWeight):
+        return jnp.take(embed, tokens, axis=0)
+    return (jnp.take(embed.q, tokens, axis=0).astype(jnp.float32) * embed.scale[tokens][:, None]).astype(dtype)
