@@ -34,13 +34,13 @@ def generate(model_path: str, devices: str, backend: str = "reference") -> dict:
     first = llm.generate(prompts, sp)
     second = llm.generate(prompts, sp)
     runner = llm.engine.runner
-    layers = runner.params["layers"]
+    layer = runner.params["layers"][1]
     return {"tokens": [list(o.token_ids) for o in first], "again": [list(o.token_ids) for o in second],
             "cached": [o.cached_prompt_tokens for o in second], "devices": llm.engine.device_description,
-            "wq": _describe(layers["wq"]), "wk": _describe(layers["wk"]), "wo": _describe(layers["wo"]),
-            "w_up": _describe(layers["w_up"]), "w_down": _describe(layers["w_down"]),
-            "attn_norm": _describe(layers["attn_norm"]), "embed": _describe(runner.params["embed"]),
-            "k_cache": _describe(runner.k_cache), "v_cache": _describe(runner.v_cache)}
+            "num_layers": len(runner.params["layers"]),
+            **{name: _describe(w) for name, w in layer.items()},
+            "embed": _describe(runner.params["embed"]),
+            "k_cache": _describe(runner.k_pools[1]), "v_cache": _describe(runner.v_pools[1])}
 
 
 def chat(model_path: str, devices: str) -> dict:
@@ -51,7 +51,7 @@ def chat(model_path: str, devices: str) -> dict:
     out = llm.generate([[{"role": "user", "content": "What is the capital of France?"}]],
                        SamplingParams(max_tokens=12))[0]
     return {"text": out.text, "finish_reason": out.finish_reason,
-            "k_cache": _describe(llm.engine.runner.k_cache)}
+            "k_cache": _describe(llm.engine.runner.k_pools[0])}
 
 
 def error(model_path: str, devices: str) -> dict:

@@ -107,3 +107,23 @@ def test_pallas_backend_generates_the_same_greedy_tokens(tiny_gguf):
     ref = LLM(tiny_gguf, attention_backend="reference", **opts).generate(prompts, sp)
     pal = LLM(tiny_gguf, attention_backend="pallas", **opts).generate(prompts, sp)
     assert [o.token_ids for o in pal] == [o.token_ids for o in ref]
+
+
+@pytest.mark.parametrize("page_size", [16, 128])
+def test_mixed_step_decodes_chunk_and_full_prompt_hit_match_numpy(model, page_size):
+    """One step holding decodes, a prefill chunk over a cached prefix and a full-prompt hit (one query whose
+    K/V is not rewritten) gives every row the oracle's logits: the ragged batch of DESIGN principle 3."""
+    path, ref = model
+    config, runner = make_runner(path, page_size)
+    seqs = make_seqs(config.vocab_size, page_size, runner.num_pages, np.random.default_rng(4))
+    want = [ref.logits(s.token_ids) for s in seqs]
+    a, b, c = seqs                                  # 5, 37 and 130 tokens
+    # Prefill: a up to its last token, b's first 20, c whole (so c's KV is complete: its "hit" below).
+    runner.logits_rows([Row(a, 0, a.num_tokens - 1, 0), Row(b, 0, 20, 0), Row(c, 0, c.num_tokens, 0)], T=256)
+    rows = [Row(a, a.num_tokens - 1, 1, 0),                       # decode
+            Row(b, 20, b.num_tokens - 20, 0),                     # chunk over a 20-token cached prefix
+            Row(c, c.num_tokens - 1, 1, c.num_tokens)]            # full-prompt hit: KV kept, logits only
+    got = runner.logits_rows(rows, T=32)
+    assert rel_err(got[0, 0], want[0][-1]) < 1e-4
+    assert rel_err(got[1, :b.num_tokens - 20], want[1][20:]) < 1e-4
+    assert rel_err(got[2, 0], want[2][-1]) < 1e-4

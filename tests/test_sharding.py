@@ -55,6 +55,10 @@ def test_single_device_layout_keeps_whole_arrays(tiny_gguf_factory):
     placed = layout.put_params(params, jax.numpy.float32)
     wq = placed["layers"]["wq"]
     assert [s.data.shape for s in wq.addressable_shards] == [params["layers"]["wq"].shape]
+    from engine.device_params import FusedShapes, to_device_params
+    fused = to_device_params(params, layout, FusedShapes.for_layout(layout), jax.numpy.float32)
+    d, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    assert [s.data.shape for s in fused["layers"][0]["wqkv"].addressable_shards] == [(d, q + 2 * kv)]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -120,29 +124,30 @@ def test_pallas_attention_under_shard_map_equals_single_device(sharded_runs):
     """The Pallas kernel (interpret mode here) runs per device on its own heads via shard_map."""
     one, many = sharded_runs["tp1"], sharded_runs["tp2_pallas"]
     assert many["tokens"] == one["tokens"] and many["again"] == one["tokens"]
-    assert many["k_cache"]["spec"][3] == "model"
+    assert many["k_cache"]["spec"][2] == "model"
 
 
 @pytest.mark.parametrize("run,n", [("tp2", 2), ("tp4", 4)])
 def test_params_and_kv_pages_are_really_sharded(sharded_runs, run, n):
     r = sharded_runs[run]          # TP_SPEC: L=2, d=128, 8 heads x 16, 4 KV heads, F=256; vocab 331
-    assert r["wq"] == {"spec": [None, None, "model"], "shards": [[2, 128, 128 // n]], "num_shards": n}
-    assert r["wk"] == {"spec": [None, None, "model"], "shards": [[2, 128, 64 // n]], "num_shards": n}
-    assert r["wo"] == {"spec": [None, "model", None], "shards": [[2, 128 // n, 128]], "num_shards": n}
-    assert r["w_up"]["shards"] == [[2, 128, 256 // n]] and r["w_down"]["shards"] == [[2, 256 // n, 128]]
-    assert r["attn_norm"] == {"spec": [None, None], "shards": [[2, 128]], "num_shards": n}
+    assert r["num_layers"] == 2    # per-layer arrays (engine/device_params.py); layer 1 is described
+    # Fused Q|K|V columns: each device holds its 8/n query heads and 4/n KV heads (128 + 64 + 64 columns).
+    assert r["wqkv"] == {"spec": [None, "model"], "shards": [[128, 256 // n]], "num_shards": n}
+    assert r["wo"] == {"spec": ["model", None], "shards": [[128 // n, 128]], "num_shards": n}
+    assert r["w_gate_up"]["shards"] == [[128, 512 // n]] and r["w_down"]["shards"] == [[256 // n, 128]]
+    assert r["attn_norm"] == {"spec": [], "shards": [[128]], "num_shards": n}
     assert r["embed"]["spec"] == [None, None]        # 331 does not divide: replicated
     for cache in ("k_cache", "v_cache"):
-        assert r[cache] == {"spec": [None, None, None, "model", None], "shards": [[2, 48, 16, 4 // n, 16]],
+        assert r[cache] == {"spec": [None, None, "model", None], "shards": [[48, 16, 4 // n, 16]],
                             "num_shards": n}
 
 
 def test_kv_heads_not_dividing_replicates_kv_and_still_matches(sharded_runs):
     one, four = sharded_runs["kv2_1"], sharded_runs["kv2_4"]
     assert four["tokens"] == one["tokens"] and four["again"] == one["tokens"]
-    assert four["wq"]["shards"] == [[2, 128, 32]]                       # query heads still split 4 ways
-    assert four["wk"] == {"spec": [None, None, None], "shards": [[2, 128, 32]], "num_shards": 4}
-    assert four["k_cache"]["spec"] == [None] * 5 and four["k_cache"]["shards"] == [[2, 48, 16, 2, 16]]
+    assert four["wq"]["shards"] == [[128, 32]]                          # query heads still split 4 ways
+    assert four["wkv"] == {"spec": [], "shards": [[128, 64]], "num_shards": 4}   # K|V fused, replicated
+    assert four["k_cache"]["spec"] == [None] * 4 and four["k_cache"]["shards"] == [[48, 16, 2, 16]]
 
 
 def test_non_dividing_heads_fail_with_the_counts(sharded_runs):
@@ -169,4 +174,4 @@ def test_smollm2_over_three_devices_answers_as_on_one(tmp_path):
     from engine.gguf_loader import default_model_path
     r = run_driver(tmp_path, [["chat", default_model_path(), "cpu:0,1,2"]])[0]
     assert (r["text"], r["finish_reason"]) == ("The capital of France is Paris.", "stop")
-    assert r["k_cache"]["spec"] == [None, None, None, "model", None] and r["k_cache"]["num_shards"] == 3
+    assert r["k_cache"]["spec"] == [None, None, "model", None] and r["k_cache"]["num_shards"] == 3
