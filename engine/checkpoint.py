@@ -17,9 +17,11 @@ import os
 from typing import Any
 
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from engine.config import DTYPES, ModelConfig, RopeScaling
 from engine.gguf_loader import ModelLoadError
+from engine.quantization import QuantizedWeight
 from engine.sharding import check_param_shapes, param_shapes
 from engine.tokenizer import Tokenizer
 
@@ -33,10 +35,45 @@ PARAMS_DIR = "params"
 
 
 def _numpy_dtype(dtype: str):
+    """The stored dtype of float leaves (q8_0 stores int8 matrices + float32 scales, norms float32)."""
     if dtype not in DTYPES:
         raise ValueError(f"--quantization-encoding={dtype!r} is not allowed; choose one of {', '.join(DTYPES)}")
     import ml_dtypes  # a jax dependency; numpy itself has no bfloat16
-    return np.float32 if dtype == "float32" else ml_dtypes.bfloat16
+    return ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+
+
+def _stored(params: dict, dtype: str) -> dict:
+    """The tree orbax writes: float leaves cast to the stored dtype; for q8_0 every matrix quantized per
+    output column (engine/quantization.py) and written as {'q': int8, 'scale': float32}."""
+    if dtype == "q8_0":
+        from engine.device_params import quantize_canonical
+        params = quantize_canonical(params)
+    np_dtype = _numpy_dtype(dtype)
+    cast = lambda a: {"q": np.asarray(a.q, np.int8), "scale": np.asarray(a.scale, np.float32)} \
+        if isinstance(a, QuantizedWeight) else np.asarray(a, np_dtype)  # noqa: E731
+    return {k: (_map(cast, v) if isinstance(v, dict) else cast(v)) for k, v in params.items()}
+
+
+def stored_shapes(config: ModelConfig, dtype: str) -> dict:
+    """The stored tree's shapes: param_shapes, with q8_0 matrices as {'q': shape, 'scale': shape}."""
+    shapes = param_shapes(config)
+    if dtype != "q8_0":
+        return shapes
+    from engine.device_params import CANONICAL_MATRICES
+
+    def q(name, shape):
+        if name not in CANONICAL_MATRICES:
+            return shape
+        return {"q": shape, "scale": shape[:-1] if name == "embed" else shape[:-2] + shape[-1:]}
+    out = {k: q(k, v) for k, v in shapes.items() if k != "layers"}
+    out["layers"] = {k: q(k, v) for k, v in shapes["layers"].items()}
+    return out
+
+
+def _as_quantized(tree: dict) -> dict:
+    """{'q', 'scale'} dicts back to QuantizedWeight leaves."""
+    return {k: (QuantizedWeight(v["q"], v["scale"]) if isinstance(v, dict) and set(v) == {"q", "scale"}
+                else _as_quantized(v) if isinstance(v, dict) else v) for k, v in tree.items()}
 
 
 def save_checkpoint(directory: str, config: ModelConfig, params: dict, tokenizer_metadata: dict[str, Any],
@@ -46,12 +83,12 @@ def save_checkpoint(directory: str, config: ModelConfig, params: dict, tokenizer
     import orbax.checkpoint as ocp
     directory = _check_output(directory)
     check_param_shapes(params, param_shapes(config))
-    np_dtype = _numpy_dtype(dtype)
+    stored = _stored(params, dtype)
     os.makedirs(directory, exist_ok=True)
     # Uncompressed: zstd saved a third of the disk but restored SmolLM2 ~35% slower (1.4 s vs 0.9 s, 2 cores);
     # load time is what a checkpoint is for.
     with ocp.PyTreeCheckpointer(use_compression=False) as checkpointer:
-        checkpointer.save(os.path.join(directory, PARAMS_DIR), _map(lambda a: np.asarray(a, np_dtype), params))
+        checkpointer.save(os.path.join(directory, PARAMS_DIR), stored)
     _write_json(os.path.join(directory, TOKENIZER_FILE), tokenizer_metadata)
     _write_json(os.path.join(directory, CONFIG_FILE),
                 {"format": FORMAT, "version": VERSION, "dtype": dtype, "source": source,
@@ -109,7 +146,7 @@ def load_checkpoint(directory: str, shardings: dict | None = None) -> tuple[Mode
     directory."""
     config, dtype = read_checkpoint_config(directory)
     meta = _read_json(directory, TOKENIZER_FILE)
-    params = _restore_params(directory, config, _numpy_dtype(dtype), shardings)
+    params = _as_quantized(_restore_params(directory, config, dtype, shardings))
     try:
         tokenizer = Tokenizer.from_gguf_metadata(meta, source=directory)
     except (ValueError, TypeError, AttributeError) as e:
@@ -117,18 +154,17 @@ def load_checkpoint(directory: str, shardings: dict | None = None) -> tuple[Mode
     return config, params, tokenizer
 
 
-def _restore_params(directory: str, config: ModelConfig, np_dtype, shardings: dict | None) -> dict:
+def _restore_params(directory: str, config: ModelConfig, dtype: str, shardings: dict | None) -> dict:
     """Reads params/ after checking its stored shapes against the config; wraps orbax errors."""
     import orbax.checkpoint as ocp
     path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
     if not os.path.isdir(path):
         raise ModelLoadError(f"{directory}: missing {PARAMS_DIR}/ (the converted weights); re-convert it")
-    shapes = param_shapes(config)
+    shapes = stored_shapes(config, dtype)
     checkpointer = ocp.PyTreeCheckpointer()
     try:
         _check_stored(directory, checkpointer, path, shapes)
-        args = _map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np_dtype), shapes) \
-            if shardings is None else _map(lambda sh: ocp.ArrayRestoreArgs(sharding=sh, dtype=np_dtype), shardings)
+        args = _restore_args(shapes, _numpy_dtype(dtype), shardings)
         return checkpointer.restore(path, restore_args=args)
     except ModelLoadError:
         raise
@@ -138,6 +174,33 @@ def _restore_params(directory: str, config: ModelConfig, np_dtype, shardings: di
                              f"{first[:300]}); the checkpoint is damaged or incomplete, re-convert it") from None
     finally:
         checkpointer.close()
+
+
+def _restore_args(shapes: dict, np_dtype, shardings: dict | None) -> dict:
+    """orbax restore args for the stored tree: numpy, or straight onto `shardings` (a q8_0 matrix's int8
+    on the weight's sharding, its scales on the sharding of its output columns)."""
+    import orbax.checkpoint as ocp
+    from engine.device_params import scale_spec
+
+    def leaf(name, shape, sharding):
+        if isinstance(shape, dict):
+            if sharding is None:
+                return {"q": ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.int8),
+                        "scale": ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32)}
+            spec = tuple(sharding.spec)
+            scale = scale_spec(name, P(*spec[-2:])) if name != "embed" else P(spec[0] if spec else None)
+            if len(shape["q"]) == 3:   # layer-stacked: the layer axis leads
+                scale = P(None, *scale)
+            return {"q": ocp.ArrayRestoreArgs(sharding=sharding, dtype=np.int8),
+                    "scale": ocp.ArrayRestoreArgs(sharding=NamedSharding(sharding.mesh, scale), dtype=np.float32)}
+        if sharding is None:
+            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=np_dtype)
+        return ocp.ArrayRestoreArgs(sharding=sharding, dtype=np_dtype)
+
+    def walk(sh, sd):
+        return {k: walk(v, sd.get(k) if sd else None) if k == "layers" else
+                leaf(k, v, sd.get(k) if sd else None) for k, v in sh.items()}
+    return walk(shapes, shardings)
 
 
 def _check_stored(directory: str, checkpointer, path: str, shapes: dict) -> None:

@@ -25,6 +25,7 @@ from engine.quantization import QuantizedWeight, quantize_weight
 from engine.sharding import AXIS, Layout
 
 MATRICES = ("wqkv", "wq", "wkv", "wo", "w_gate_up", "w_down", "embed", "lm_head")
+CANONICAL_MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "embed", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -42,21 +43,42 @@ class FusedShapes:
                            kv_fused=rules.get("kv_heads") == AXIS or n == 1)
 
 
-def _interleave(parts: list[np.ndarray], blocks: int) -> np.ndarray:
-    """[in, c_i] matrices -> [in, sum c_i], as `blocks` blocks each holding 1/blocks of every part."""
+def _interleave(parts: list, blocks: int):
+    """[in, c_i] matrices -> [in, sum c_i], as `blocks` blocks each holding 1/blocks of every part. Int8
+    parts interleave their per-column scales the same way (per-column quantization commutes with this)."""
+    if isinstance(parts[0], QuantizedWeight):
+        return QuantizedWeight(_interleave([p.q for p in parts], blocks),
+                               _interleave([p.scale[None] for p in parts], blocks)[0])
     split = [np.split(p, blocks, axis=-1) for p in parts]
     return np.concatenate([s[b] for b in range(blocks) for s in split], axis=-1)
 
 
-def fuse_layer(c: ModelConfig, layers: dict, i: int, fused: FusedShapes) -> dict[str, np.ndarray]:
-    """Layer i of the canonical stacked params, fused (numpy, float32)."""
-    g = {k: np.asarray(v[i], np.float32) for k, v in layers.items()}
+def _layer_slice(leaf, i: int):
+    if isinstance(leaf, QuantizedWeight):
+        return QuantizedWeight(np.asarray(leaf.q[i]), np.asarray(leaf.scale[i], np.float32))
+    return np.asarray(leaf[i], np.float32)
+
+
+def quantize_canonical(params: dict) -> dict:
+    """Canonical params with every matrix int8 per output column (the embedding per row); numpy."""
+    def q(name, leaf):
+        if isinstance(leaf, QuantizedWeight) or name not in CANONICAL_MATRICES:
+            return leaf
+        return quantize_weight(np.asarray(leaf, np.float32), per_row=name == "embed")
+    out = {k: q(k, v) for k, v in params.items() if k != "layers"}
+    out["layers"] = {k: q(k, v) for k, v in params["layers"].items()}
+    return out
+
+
+def fuse_layer(c: ModelConfig, layers: dict, i: int, fused: FusedShapes) -> dict:
+    """Layer i of the canonical stacked params, fused (numpy; float32 or QuantizedWeight)."""
+    g = {k: _layer_slice(v, i) for k, v in layers.items()}
     out = {"attn_norm": g["attn_norm"], "wo": g["wo"], "mlp_norm": g["mlp_norm"], "w_down": g["w_down"],
            "w_gate_up": _interleave([g["w_gate"], g["w_up"]], fused.mlp_blocks)}
     if fused.kv_fused:
         out["wqkv"] = _interleave([g["wq"], g["wk"], g["wv"]], fused.attn_blocks)
     else:
-        out["wq"], out["wkv"] = g["wq"], np.concatenate([g["wk"], g["wv"]], axis=-1)
+        out["wq"], out["wkv"] = g["wq"], _interleave([g["wk"], g["wv"]], 1)
     return out
 
 
@@ -73,28 +95,42 @@ def top_specs(layout: Layout) -> dict[str, P]:
     return {"embed": P(vocab, None), "lm_head": P(None, vocab), "final_norm": P()}
 
 
-def _place(name: str, array: np.ndarray, spec: P, mesh, dtype, quantize: bool):
-    """Puts one weight on its shards, as `dtype` or (matrices, when quantize) as int8 + scales."""
-    if quantize and name in MATRICES:
-        # Scales run along the output columns (rows for the embedding, which is read by row).
-        w = quantize_weight(array, per_row=name == "embed")
-        scale_axis = spec[0] if name == "embed" else (spec[1] if len(spec) > 1 else None)
-        return QuantizedWeight(jax.device_put(w.q, NamedSharding(mesh, spec)),
-                               jax.device_put(w.scale, NamedSharding(mesh, P(scale_axis))))
-    return jax.device_put(np.asarray(array, dtype), NamedSharding(mesh, spec))
+def scale_spec(name: str, spec: P) -> P:
+    """The sharding of a quantized weight's scales: along its output columns (the embedding's rows)."""
+    axes = tuple(spec) + (None,) * (2 - len(tuple(spec)))
+    return P(axes[0]) if name == "embed" else P(axes[1])
+
+
+def _dequantize(name: str, w: QuantizedWeight) -> np.ndarray:
+    scale = np.asarray(w.scale, np.float32)
+    return np.asarray(w.q, np.float32) * (scale[..., :, None] if name == "embed" else scale[..., None, :])
+
+
+def _place(name: str, w, spec: P, mesh, dtype, quantize: bool):
+    """Puts one weight on its shards: a QuantizedWeight as int8 + float32 scales (dequantized when the
+    engine runs in a float encoding, e.g. a q8_0 checkpoint served as float32), anything else as `dtype`."""
+    if isinstance(w, QuantizedWeight) and not quantize:
+        w = _dequantize(name, w)
+    if isinstance(w, QuantizedWeight):
+        return QuantizedWeight(jax.device_put(np.asarray(w.q, np.int8), NamedSharding(mesh, spec)),
+                               jax.device_put(np.asarray(w.scale, np.float32),
+                                              NamedSharding(mesh, scale_spec(name, spec))))
+    return jax.device_put(np.asarray(w, dtype), NamedSharding(mesh, spec))
 
 
 def to_device_params(canonical: dict, layout: Layout, fused: FusedShapes, dtype, quantize: bool = False) -> dict:
     """{'embed', 'final_norm', 'lm_head', 'layers': (L dicts)} on the mesh. `canonical` may hold numpy or
-    jax arrays (an orbax restore); each layer is fused on the host one at a time, so the peak extra host
-    memory is one layer."""
+    jax arrays (an orbax restore) or, from a q8_0 checkpoint, QuantizedWeights; with `quantize` float
+    matrices are quantized first. Each layer is fused on the host one at a time."""
     c, mesh = layout.config, layout.mesh
     specs, top = layer_specs(layout, fused), top_specs(layout)
+    if quantize:
+        canonical = quantize_canonical(canonical)
     layers = []
     for i in range(c.num_layers):
         fused_layer = fuse_layer(c, canonical["layers"], i, fused)
         layers.append({k: _place(k, v, specs[k], mesh, dtype, quantize) for k, v in fused_layer.items()})
-    out = {k: _place(k, np.asarray(canonical[k], np.float32), top[k], mesh, dtype, quantize) for k in top}
+    out = {k: _place(k, canonical[k], top[k], mesh, dtype, quantize) for k in top}
     out["layers"] = tuple(layers)
     return out
 

@@ -20,19 +20,28 @@ import numpy as np
 
 
 class QuantizedWeight(NamedTuple):
-    """q int8 [in, out] (or [rows, cols] for the embedding, scaled per row); scale float32 [out] / [rows]."""
+    """q int8 [..., in, out] with scale float32 [..., out] (one per output column), or, for the token
+    embedding (read by row), q [V, d] with scale [V]. Leading axes (a layer stack) are shared."""
     q: jax.Array
     scale: jax.Array
 
+    @property
+    def shape(self):
+        return self.q.shape
+
+    @property
+    def size(self) -> int:
+        return self.q.size
+
 
 def quantize_weight(w: np.ndarray, per_row: bool = False) -> QuantizedWeight:
-    """Symmetric int8 of a [rows, cols] matrix with one scale per column (per row when per_row): the
-    largest |w| of each column (row) maps to 127."""
+    """Symmetric int8 of a [..., rows, cols] matrix (numpy) with one scale per column (per row when
+    per_row): the largest |w| of each column (row) maps to 127."""
     w = np.asarray(w, np.float32)
-    amax = np.max(np.abs(w), axis=1 if per_row else 0)
+    axis = -1 if per_row else -2
+    amax = np.max(np.abs(w), axis=axis)
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    shaped = scale[:, None] if per_row else scale[None, :]
-    q = np.clip(np.rint(w / shaped), -127, 127).astype(np.int8)
+    q = np.clip(np.rint(w / np.expand_dims(scale, axis)), -127, 127).astype(np.int8)
     return QuantizedWeight(q, scale)
 
 

@@ -93,3 +93,28 @@ def test_q8_0_smollm2_answers_paris_and_holds_under_30_percent_of_float32():
     assert "Paris" in out.text, out.text
     params = sum(a.size for a in jax.tree.leaves(llm.engine.runner.params))
     assert llm.engine.runner.param_bytes <= 0.30 * 4 * params
+
+
+def test_q8_0_checkpoint_restores_quantized_and_serves_like_the_gguf(tiny_gguf, tmp_path):
+    """Convert once (int8 on disk), restore as int8 (numpy and onto a device), same greedy tokens."""
+    from engine import LLM, SamplingParams
+    from engine.checkpoint import convert_gguf, load_checkpoint
+    from engine.device_params import quantize_canonical
+    from engine.gguf_loader import load_gguf
+    out = str(tmp_path / "q8")
+    convert_gguf(tiny_gguf, out, "q8_0")
+    _, params, _ = load_checkpoint(out)
+    want = quantize_canonical(load_gguf(tiny_gguf)[1])
+    for name in ("wq", "w_down"):
+        got = params["layers"][name]
+        assert isinstance(got, QuantizedWeight) and got.q.dtype == np.int8
+        np.testing.assert_array_equal(got.q, want["layers"][name].q)
+        np.testing.assert_array_equal(got.scale, want["layers"][name].scale)
+    assert isinstance(params["embed"], QuantizedWeight) and params["embed"].scale.shape == (params["embed"].shape[0],)
+    opts = dict(quantization_encoding="q8_0", max_batch_size=2, max_num_batched_tokens=32, max_length=64,
+                kv_cache_page_size=16, kv_cache_pages=8)
+    prompt = [int(t) for t in np.random.default_rng(5).integers(3, 300, 12)]
+    sp = SamplingParams(max_tokens=6, ignore_eos=True)
+    from_ckpt = LLM(out, **opts)
+    assert from_ckpt.engine.runner.params["layers"][0]["wqkv"].q.dtype == np.int8
+    assert from_ckpt.generate(prompt, sp)[0].token_ids == LLM(tiny_gguf, **opts).generate(prompt, sp)[0].token_ids
