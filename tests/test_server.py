@@ -52,7 +52,7 @@ def serving(engine: FakeEngine | None, metrics: bool = False):
         yield Served(server, engine, channel, engine_pb2_grpc.EngineStub(channel))
     finally:
         channel.close()
-        server.shutdown(grace=0)
+        server.shutdown(timeout=0)
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +226,7 @@ def test_shutdown_past_grace_ends_streams_with_a_final_abort_message():
         assert engine.wait_for(lambda e: e.stats().waiting_requests == 1)
         engine.run_steps(1)  # one token, then the stream stays in flight
         next(call)
-        served.server.shutdown(grace=0)
+        served.server.shutdown(timeout=0)
         last = list(call)[-1]
         assert last.finish_reason == pb.GenerateResponse.ABORT and last.usage.prompt_tokens == 1
         assert engine.shut_down and engine.stats().kv_pages_used == 0
