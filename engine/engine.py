@@ -197,11 +197,13 @@ class LLMEngine:
         error = RequestError(ErrorCode.INTERNAL, f"the engine failed while running this request ({describe(e)}); "
                                                  "it was aborted: retry it")
         try:
+            self.runner.recover()  # the donated KV pages may have died with the step: fresh ones if so
+            if self._consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+                raise RuntimeError(f"{self._consecutive_failures} steps failed in a row (last: {describe(e)})")
             for state in list(self.inbox.states.values()):
                 self.scheduler.finish(state.seq, FinishReason.ABORT)
                 self.inbox.finished(state)
                 state.stream.put(fault_output(state, error))
-            self.runner.recover()  # the donated KV pages may have died with the step: fresh ones if so
             # Only now does no request hold a page, so this forgets every cached block (a key left pointing
             # at a page whose contents were lost would serve wrong tokens as a "hit"). Done even when recover()
             # found the pages alive: an asynchronous device error can poison buffers that look alive.
@@ -209,8 +211,6 @@ class LLMEngine:
             if self.block_manager.num_used_pages:
                 raise RuntimeError(f"{self.block_manager.num_used_pages} KV pages are still in use after every "
                                    "request was failed")
-            if self._consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
-                raise RuntimeError(f"{self._consecutive_failures} steps failed in a row (last: {describe(e)})")
         except Exception as fatal:
             log.exception("engine recovery failed")
             self._die(f"recovery after a failed step failed: {describe(fatal)}")

@@ -2,7 +2,7 @@
 
 Every method is thread-safe (one lock). A request is *pending* from `add` until the engine thread admits it
 in `drain`, then *admitted* (its RequestState in `states`) until `finished`. An abort picks its target when
-it is called: a pending request is cancelled at once, an admitted one is queued for the engine thread by
+it is called: a pending request is ended at once, an admitted one is queued for the engine thread by
 identity, anything else is a no-op — so an abort that arrives after its request finished can never reach a
 later request that reuses the id.
 """
@@ -20,10 +20,9 @@ from engine.request import (DuplicateRequestError, EngineUnavailableError, Finis
 
 @dataclass
 class Pending:
-    """An added request not admitted yet; `cancelled` when aborted before the engine thread saw it."""
+    """An added request not admitted yet."""
     request: Request
     stream: RequestStream
-    cancelled: bool = False
 
     def final_output(self, error: RequestError | None = None) -> RequestOutput:
         return RequestOutput(self.request.request_id, (), "", FinishReason.ABORT,
@@ -69,8 +68,8 @@ class Inbox:
         with self.lock:
             entry = self._pending.get(request_id)
             if entry is not None and (stream is None or stream is entry.stream):
-                entry.cancelled = True
                 del self._pending[request_id]
+                self._adds.remove(entry)
                 entry.stream.put(entry.final_output())
                 return False
             state = self.states.get(request_id)
@@ -109,8 +108,6 @@ class Inbox:
             adds, self._adds = self._adds, []
             items, self._items = list(self._items), collections.deque()
             for entry in adds:
-                if entry.cancelled:
-                    continue
                 del self._pending[entry.request.request_id]
                 state = admit(entry)
                 if state is not None:

@@ -55,13 +55,17 @@ def _address(host: str, port: int) -> str:
 
 
 def _check_port_free(host: str, port: int) -> None:
-    """Fails in one line when nothing can listen on host:port. gRPC would say so too, but only after
+    """Fails in one line when the host does not resolve or nothing can listen on host:port. gRPC would say so too, but only after
     logging a multi-line core error; a plain bind probe (same SO_REUSEADDR as gRPC) says it cleanly."""
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ServeError(f"--host={host}: not an address this machine can listen on "
+                         f"({getattr(e, 'strerror', None) or e})") from None
     if port == 0:
         return
     errors = []
-    for family, kind, proto, _, addr in socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
-                                                           flags=socket.AI_PASSIVE):
+    for family, kind, proto, _, addr in addresses:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:

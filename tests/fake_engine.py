@@ -85,7 +85,7 @@ class FakeEngine:
         self._accepting = True
         self.failure: str | None = None
         self._stopped = threading.Event()
-        self._unstalled = threading.Event()
+        self._unstalled, self.stalled = threading.Event(), threading.Event()
         self._unstalled.set()
         self._thread: threading.Thread | None = None
         self.abort_calls: list[str] = []   # every abort(request_id) call
@@ -144,7 +144,7 @@ class FakeEngine:
         return self.failure
 
     def stall(self) -> None:
-        """The loop's next step blocks (holding no lock) until unstall()."""
+        """The loop's next step blocks (holding no lock) until unstall(); `stalled` is set once it does."""
         self._unstalled.clear()
 
     def unstall(self) -> None:
@@ -280,7 +280,6 @@ class FakeEngine:
 
     def _loop(self) -> None:
         while True:
-            self._unstalled.wait()
             with self._cond:
                 self._cond.wait_for(lambda: self._stopping or (self._steps_left != 0 and
                                                                (self._waiting or self._running)))
@@ -290,6 +289,9 @@ class FakeEngine:
                 self._step()
                 if self._steps_left:
                     self._steps_left -= 1
+            if not self._unstalled.is_set():  # a step that does not return (holding no lock)
+                self.stalled.set()
+                self._unstalled.wait()
             if self.token_delay:
                 with self._cond:  # a simulated step time that shutdown can cut short
                     self._cond.wait_for(lambda: self._stopping, self.token_delay)
