@@ -67,6 +67,10 @@ class EngineConfig:
     attention_backend: str = "auto"
     max_waiting_requests: int = 1024
     seed: int = 0
+    # Per-request limits (engine/request_checks.py): one client must not make work for everyone.
+    max_stop_strings: int = 16
+    max_stop_string_length: int = 256        # characters
+    max_prompt_bytes: int | None = None      # UTF-8 bytes of a prompt's text; None: 32 per --max-length token
 
     def __post_init__(self):
         _choice("cache-strategy", self.cache_strategy, CACHE_STRATEGIES)
@@ -79,7 +83,8 @@ class EngineConfig:
         if self.enable_prefix_caching and self.cache_strategy != "paged":
             raise ValueError(f"--enable-prefix-caching needs --cache-strategy=paged, "
                              f"got --cache-strategy={self.cache_strategy!r}")
-        for name in ("max_batch_size", "max_num_batched_tokens", "max_waiting_requests"):
+        for name in ("max_batch_size", "max_num_batched_tokens", "max_waiting_requests", "max_stop_strings",
+                     "max_stop_string_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} is not allowed; it must be >= 1")
         if self.max_length is not None and self.max_length < 2:
@@ -87,6 +92,9 @@ class EngineConfig:
         if self.kv_cache_pages is not None and self.kv_cache_pages < 2:
             raise ValueError(f"--kv-cache-pages={self.kv_cache_pages} is not allowed; it must be >= 2 "
                              "(page 0 is reserved)")
+        if self.max_prompt_bytes is not None and self.max_prompt_bytes < 1:
+            raise ValueError(f"--max-prompt-bytes={self.max_prompt_bytes} is not allowed; it must be >= 1 "
+                             "(unset: 32 bytes per --max-length token)")
         if not 0.0 < self.device_memory_utilization <= 1.0:
             raise ValueError(f"--device-memory-utilization={self.device_memory_utilization} is not allowed; "
                              "it must be in (0, 1]")

@@ -3,10 +3,15 @@
 
 Threading: `add_request` / `abort` / `reset_prefix_cache` only touch an inbox under a lock; every scheduler,
 block-manager and runner call happens in whichever thread calls `step()` — one at a time.
+
+Faults (WORKSPACE.md § Faults): a step that raises fails every admitted request (RequestOutput.error
+INTERNAL), frees their pages, lets the runner recover its KV pages and then forgets every cached block —
+only once nothing holds a page, so no key can point at a page whose contents died with the step. If that
+recovery raises too, or steps keep failing, the engine is dead: every request in flight ends UNAVAILABLE,
+`add_request` raises EngineUnavailableError, `failure` says why and `wait_until_stopped` returns.
 """
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
@@ -15,13 +20,20 @@ import numpy as np
 
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.inbox import Inbox, Pending, fault_output
 from engine.model_loading import LoadedEngineParts, load_engine_parts
 from engine.output_processor import RequestState
-from engine.request import (DuplicateRequestError, FinishReason, QueueFullError, Request, RequestStream)
+from engine.request import (EngineUnavailableError, ErrorCode, FinishReason, Request, RequestError, RequestStream,
+                            describe_exception as describe)
+from engine.request_checks import check_request
 from engine.sequence import Sequence
 from engine.stats import EngineStats
 
 log = logging.getLogger(__name__)
+
+# Failed steps in a row (no step with rows succeeding in between) after which the engine stops trying: a
+# fault that survives recovery would otherwise fail every new request, forever, while health says SERVING.
+MAX_CONSECUTIVE_FAILURES = 3
 
 
 class LLMEngine:
@@ -35,13 +47,12 @@ class LLMEngine:
         self.block_manager = parts.block_manager
         self.scheduler = parts.scheduler
         self.runner = parts.runner
-        self._lock = threading.Lock()
-        self._inbox: collections.deque = collections.deque()
-        self._states: dict[str, RequestState] = {}   # in flight, keyed by request_id
-        self._pending_ids: set[str] = set()
+        self.inbox = Inbox()
         self._wakeup = threading.Event()
         self._thread: threading.Thread | None = None
         self._running = False
+        self._stopped = threading.Event()            # dead or shut down
+        self._step_failures = self._consecutive_failures = 0
         self._rng = np.random.default_rng(self.config.seed)
         self._published = self._read_stats()
         self.warmup_seconds = 0.0
@@ -49,51 +60,28 @@ class LLMEngine:
     # --- request API (any thread) ---
     def validate(self, request: Request) -> None:
         """ValueError naming the field when the request cannot run on this engine."""
-        ids, vocab = request.prompt_token_ids, self.model_config.vocab_size
-        if not ids:
-            raise ValueError("prompt is empty: give at least one token")
-        bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt_token_ids[{bad}]={ids[bad]} is outside the vocabulary [0, {vocab})")
-        limit = self.config.max_length
-        if len(ids) >= limit:
-            raise ValueError(f"prompt has {len(ids)} tokens; --max-length={limit} allows at most {limit - 1}")
-        if len(ids) + request.sampling.max_tokens > limit:
-            raise ValueError(f"sampling.max_tokens={request.sampling.max_tokens} with a {len(ids)}-token prompt "
-                             f"exceeds --max-length={limit}; ask for at most {limit - len(ids)}")
-        pages = -(-len(ids) // self.config.kv_cache_page_size)
-        if pages > self.block_manager.num_total_pages:
-            raise ValueError(f"prompt has {len(ids)} tokens, more than the whole KV pool holds "
-                             f"(--kv-cache-pages={self.config.kv_cache_pages})")
-        request.sampling.validate()
+        check_request(request, self.config, self.model_config.vocab_size, self.block_manager.num_total_pages)
 
     def add_request(self, request: Request) -> RequestStream:
+        """Raises ValueError (bad request), DuplicateRequestError, QueueFullError, EngineUnavailableError."""
         self.validate(request)
         stream = RequestStream(request.request_id)
-        with self._lock:
-            if request.request_id in self._states or request.request_id in self._pending_ids:
-                raise DuplicateRequestError(f"request_id={request.request_id!r} is already in flight")
-            waiting = self.scheduler.num_waiting + sum(1 for kind, *_ in self._inbox if kind == "add")
-            if waiting >= self.config.max_waiting_requests:
-                raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting_requests} requests); "
-                                     "retry later")
-            self._pending_ids.add(request.request_id)
-            self._inbox.append(("add", request, stream))
+        self.inbox.add(request, stream, lambda: self.scheduler.num_waiting, self.config.max_waiting_requests)
         self._wakeup.set()
         return stream
 
-    def abort(self, request_id: str) -> None:
-        with self._lock:
-            self._inbox.append(("abort", request_id, None))
-        self._wakeup.set()
+    def abort(self, request_id: str, stream: RequestStream | None = None) -> None:
+        """Ends the request in flight under `request_id` (with `stream`: only if it is that request's); a
+        finished or unknown id is a no-op. Its pages are freed within one step."""
+        if self.inbox.abort(request_id, stream):
+            self._wakeup.set()
 
     def reset_prefix_cache(self) -> bool:
         """Drops every cached block not in use. Runs in the stepping thread when one is running."""
         if self._thread is None:
             return self.block_manager.reset_prefix_cache()
         done, result = threading.Event(), []
-        with self._lock:
-            self._inbox.append(("reset", result, done))
+        self.inbox.request_reset(result, done)
         self._wakeup.set()
         if not done.wait(timeout=60.0):
             raise RuntimeError("reset_prefix_cache: the engine loop did not answer within 60 s")
@@ -112,49 +100,65 @@ class LLMEngine:
             kv_pages_free=bm.num_free_pages - bm.num_cached_pages, kv_pages_total=bm.num_total_pages,
             prefix_cache_queried_tokens=bm.prefix_cache_queried_tokens,
             prefix_cache_hit_tokens=bm.prefix_cache_hit_tokens, prefix_cache_evictions=bm.prefix_cache_evictions,
-            preemptions=self.scheduler.num_preemptions, num_compilations=self.runner.num_compilations)
+            preemptions=self.scheduler.num_preemptions, num_compilations=self.runner.num_compilations,
+            step_failures=self._step_failures)
 
     def has_unfinished(self) -> bool:
-        with self._lock:
-            return bool(self._inbox or self._states or self._pending_ids)
+        return self.inbox.has_unfinished()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can no longer serve (None while it can)."""
+        return self.inbox.failure
+
+    def wait_until_stopped(self, timeout: float | None = None) -> str | None:
+        """Blocks until the engine dies or is shut down (or `timeout` passes); returns `failure`."""
+        self._stopped.wait(timeout)
+        return self.inbox.failure
 
     # --- the step (one thread at a time) ---
     def _drain_inbox(self) -> None:
-        # The whole transfer happens under the lock, so add_request's queue check always sees every request
-        # either in the inbox or in the scheduler, never in neither.
-        with self._lock:
-            items, self._inbox = list(self._inbox), collections.deque()
-            for kind, a, b in items:
-                if kind == "add":
-                    self._admit_locked(a, b)
-        for kind, a, b in items:
+        for kind, *args in self.inbox.drain(self._admit):
             if kind == "abort":
-                seq = self.scheduler.abort(a)
-                if seq is not None:
-                    self._finish(self._states[seq.request_id])
-            elif kind == "reset":
-                a.append(self.block_manager.reset_prefix_cache())
-                b.set()
+                state = args[0]
+                if self.inbox.states.get(state.seq.request_id) is state:  # still the request it was issued for
+                    self.scheduler.finish(state.seq, FinishReason.ABORT)
+                    self._finish(state)
+            else:  # "reset"
+                args[0].append(self.block_manager.reset_prefix_cache())
+                args[1].set()
 
-    def _admit_locked(self, request: Request, stream: RequestStream) -> None:
-        seq = Sequence(request)
-        if seq.seed is None:  # unseeded: a fresh draw, so equal requests do not sample alike
-            seq.seed = int(self._rng.integers(0, 2 ** 32))
-        state = RequestState(seq, stream, IncrementalDetokenizer(self.tokenizer, list(request.prompt_token_ids)))
-        self._pending_ids.discard(request.request_id)
+    def _admit(self, entry: Pending) -> RequestState | None:
+        """Hands one request to the scheduler. It succeeds or fails on its own: an error here ends this
+        request (INTERNAL) and the rest of the inbox is admitted as usual."""
+        request = entry.request
         try:
+            seq = Sequence(request)
+            if seq.seed is None:  # unseeded: a fresh draw, so equal requests do not sample alike
+                seq.seed = int(self._rng.integers(0, 2 ** 32))
+            state = RequestState(seq, entry.stream,
+                                 IncrementalDetokenizer(self.tokenizer, list(request.prompt_token_ids)))
             self.scheduler.add(seq)
-        except (ValueError, QueueFullError) as e:  # validated requests should never fail here
-            log.warning("request %s refused: %s", request.request_id, e)
-            seq.finish_reason = FinishReason.ABORT
-            stream.put(state.output(finished=True))
-            return
-        self._states[request.request_id] = state
+        except Exception as e:  # validated requests should never fail here
+            log.exception("request %s could not be admitted", request.request_id)
+            entry.stream.put(entry.final_output(RequestError(
+                ErrorCode.INTERNAL, f"the engine could not admit this request ({describe(e)})")))
+            return None
+        return state
 
     def step(self) -> int:
-        """Admits new requests, runs one scheduled batch, streams outputs. Returns the rows it ran."""
+        """Admits new requests, runs one scheduled batch, streams outputs. Returns the rows it ran.
+        A failure fails the admitted requests and recovers (see the module docstring), then re-raises."""
+        if self.inbox.failure is not None:
+            raise EngineUnavailableError(self.inbox.failure)
         try:
-            return self._step()
+            rows = self._step()
+            if rows:
+                self._consecutive_failures = 0
+            return rows
+        except Exception as e:
+            self._on_step_failure(e)
+            raise
         finally:
             self._published = self._read_stats()
 
@@ -167,7 +171,7 @@ class LLMEngine:
             return 0
         finished = {s.request_id for s in self.scheduler.update(output, sampled)}
         for rid in list(sampled) + [r for r in finished if r not in sampled]:
-            state = self._states[rid]
+            state = self.inbox.states[rid]
             if state.absorb():  # a stop string appeared: it wins over EOS and length
                 if rid in finished:
                     state.seq.finish_reason = FinishReason.STOP
@@ -181,10 +185,63 @@ class LLMEngine:
         return rows
 
     def _finish(self, state: RequestState) -> None:
-        # Leave the in-flight set before the last message goes out, so the client can reuse the id at once.
-        with self._lock:
-            self._states.pop(state.seq.request_id, None)
+        self.inbox.finished(state)
         state.stream.put(state.output(finished=True))
+
+    # --- faults ---
+    def _on_step_failure(self, e: Exception) -> None:
+        self._step_failures += 1
+        self._consecutive_failures += 1
+        log.error("engine step failed (%d in a row); failing every admitted request", self._consecutive_failures,
+                  exc_info=e)
+        error = RequestError(ErrorCode.INTERNAL, f"the engine failed while running this request ({describe(e)}); "
+                                                 "it was aborted: retry it")
+        try:
+            self.runner.recover()  # the donated KV pages may have died with the step: fresh ones if so
+            if self._consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+                raise RuntimeError(f"{self._consecutive_failures} steps failed in a row (last: {describe(e)})")
+            for state in list(self.inbox.states.values()):
+                self.scheduler.finish(state.seq, FinishReason.ABORT)
+                self.inbox.finished(state)
+                state.stream.put(fault_output(state, error))
+            # Only now does no request hold a page, so this forgets every cached block (a key left pointing
+            # at a page whose contents were lost would serve wrong tokens as a "hit"). Done even when recover()
+            # found the pages alive: an asynchronous device error can poison buffers that look alive.
+            self.block_manager.reset_prefix_cache()
+            if self.block_manager.num_used_pages:
+                raise RuntimeError(f"{self.block_manager.num_used_pages} KV pages are still in use after every "
+                                   "request was failed")
+        except Exception as fatal:
+            log.exception("engine recovery failed")
+            self._die(f"recovery after a failed step failed: {describe(fatal)}")
+
+    def _die(self, reason: str) -> None:
+        """The engine cannot go on: every request in flight ends UNAVAILABLE, every new one is refused."""
+        self.inbox.stop(failure=reason)
+        log.error("the engine has stopped: %s", reason)
+        states = self._end_streams(RequestError(
+            ErrorCode.UNAVAILABLE, f"the engine stopped after a fault it cannot recover from ({reason}); "
+                                   "retry on a restarted server"))
+        try:  # give their pages back if the bookkeeping still works (it may be what broke)
+            for state in states:
+                self.scheduler.finish(state.seq, FinishReason.ABORT)
+        except Exception:
+            log.exception("could not free the pages of the failed requests")
+        self._stopped.set()
+
+    def _end_streams(self, error: RequestError) -> list:
+        """Sends every request in flight its last message with `error`, touching neither scheduler nor runner;
+        returns the admitted ones' states."""
+        states, pending, items = self.inbox.take_all()
+        for state in states:
+            state.stream.put(fault_output(state, error))
+        for entry in pending:
+            entry.stream.put(entry.final_output(error))
+        for kind, *args in items:
+            if kind == "reset":
+                args[0].append(False)
+                args[1].set()
+        return states
 
     # --- background loop (server) ---
     def warmup(self) -> float:
@@ -201,39 +258,49 @@ class LLMEngine:
         self._thread.start()
 
     def _loop(self) -> None:
-        while self._running:
-            try:
-                if self.step() == 0:
-                    self._wakeup.wait(timeout=0.05 if self.has_unfinished() else 1.0)
-                    self._wakeup.clear()
-            except Exception:  # a broken step must not leave clients hanging forever
-                log.exception("engine step failed; aborting every in-flight request")
-                if self.runner.recover():  # the donated KV pages died with the step: cached blocks are gone
-                    self.block_manager.reset_prefix_cache()
-                self._abort_all()
+        try:
+            while self._running and self.inbox.failure is None:
+                try:
+                    if self.step() == 0:
+                        self._wakeup.wait(timeout=0.05 if self.has_unfinished() else 1.0)
+                        self._wakeup.clear()
+                except Exception:  # step() has logged it, failed the requests and recovered (or marked the
+                    continue       # engine dead, which ends the loop)
+        finally:
+            if self._running and self.inbox.failure is None:  # something no handler expected ended the loop
+                self._die("the engine loop stopped unexpectedly")
 
     def _abort_all(self) -> None:
-        self._drain_inbox()
-        for rid in list(self._states):
-            seq = self.scheduler.abort(rid)
-            state = self._states.get(rid)
-            if state is not None:
-                if seq is None:
-                    state.seq.finish_reason = FinishReason.ABORT
-                self._finish(state)
+        """With the loop stopped: every request in flight ends with ABORT (a shutdown, not a fault)."""
+        states, pending, items = self.inbox.take_all()
+        for entry in pending:
+            entry.stream.put(entry.final_output())
+        for kind, *args in items:
+            if kind == "reset":
+                args[0].append(self.block_manager.reset_prefix_cache())
+                args[1].set()
+        for state in states:
+            self.scheduler.finish(state.seq, FinishReason.ABORT)
+            state.stream.put(state.output(finished=True))
 
     def shutdown(self, abort_inflight: bool = True, timeout: float = 30.0) -> None:
-        """Stops the loop; in-flight requests are aborted (or, with abort_inflight=False, finished first)."""
+        """Refuses new requests, stops the loop; in-flight requests are aborted (or, with abort_inflight=False,
+        finished first). Returns within about `timeout` seconds whatever the loop is doing."""
+        deadline = time.monotonic() + timeout
+        self.inbox.stop()
         if self._thread is not None and not abort_inflight:
-            deadline = time.monotonic() + timeout
             while self.has_unfinished() and time.monotonic() < deadline:
                 time.sleep(0.01)
         self._running = False
         self._wakeup.set()
         if self._thread is not None:
-            self._thread.join(timeout=timeout)
-            if self._thread.is_alive():  # still inside a step: it must not race with _abort_all below
-                log.error("engine loop did not stop within %.0f s; leaving it to finish", timeout)
+            self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            if self._thread.is_alive():  # stuck inside a step: leave the scheduler alone, but end every stream
+                log.error("engine loop did not stop within %.0f s; ending its streams without it", timeout)
+                self._end_streams(RequestError(ErrorCode.UNAVAILABLE, "the server is shutting down"))
+                self._stopped.set()
                 return
             self._thread = None
-        self._abort_all()
+        if self.inbox.failure is None:
+            self._abort_all()
+        self._stopped.set()

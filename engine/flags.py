@@ -34,13 +34,20 @@ ENGINE_FLAGS = (
     ("attention-backend", "string", f"{' | '.join(ATTENTION_BACKENDS)}; pallas on CPU runs in interpret mode."),
     ("max-waiting-requests", "integer", "Queued requests beyond which Generate answers RESOURCE_EXHAUSTED."),
     ("seed", "integer", "Seed for requests that set none."),
+    ("max-stop-strings", "integer", "Most stop strings one request may give (more: INVALID_ARGUMENT)."),
+    ("max-stop-string-length", "integer", "Longest stop string, in characters (longer: INVALID_ARGUMENT)."),
+    ("max-prompt-bytes", "integer", "Largest prompt text (or chat messages), in UTF-8 bytes, refused before it is "
+                                    "tokenized. Default: 32 per --max-length token."),
 )
 SERVE_FLAGS = (
     ("host", "string", "127.0.0.1", "Address to listen on (0.0.0.0 or [::] for all interfaces)."),
     ("port", "integer", 50051, "gRPC port; 0 picks a free one (printed when serving)."),
     ("metrics-port", "integer", 0, "Prometheus /metrics port; 0 = off."),
-    ("shutdown-grace-seconds", "float", 10.0, "On SIGTERM/SIGINT, how long in-flight streams may finish "
-                                              "before they are aborted."),
+    ("max-concurrent-rpcs", "integer", 256, "Most Generate calls in flight at once (each holds a thread); "
+                                            "beyond it Generate answers RESOURCE_EXHAUSTED."),
+    ("shutdown-timeout-seconds", "float", 25.0, "On SIGTERM/SIGINT, the whole shutdown's budget, signal to exit: "
+                                               "in-flight streams may finish until the last few seconds, then are "
+                                               "aborted. Default 25 fits Kubernetes' 30 s before SIGKILL."),
     ("coordinator-address", "string", None, "host:port of process 0's JAX coordinator: one server over several "
                                             "hosts (unset: one process)."),
     ("num-processes", "integer", None, "Processes (one per host) in a multi-host server; with "
@@ -62,7 +69,8 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = None   # None = no metrics endpoint
-    shutdown_grace_seconds: float = 10.0
+    max_concurrent_rpcs: int = 256
+    shutdown_timeout_seconds: float = 25.0
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
@@ -148,15 +156,19 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> tuple[Engi
         raise FlagError(f"--metrics-port={value('metrics-port')} is not allowed; it must differ from --port")
     if not value("host"):
         raise FlagError("--host='' is not allowed; give an address such as 127.0.0.1 or 0.0.0.0")
-    if value("shutdown-grace-seconds") < 0:
-        raise FlagError(f"--shutdown-grace-seconds={value('shutdown-grace-seconds')} is not allowed; it must be >= 0")
+    if not value("shutdown-timeout-seconds") >= 0:  # NaN too
+        raise FlagError(f"--shutdown-timeout-seconds={value('shutdown-timeout-seconds')} is not allowed; "
+                        "it must be >= 0")
+    if value("max-concurrent-rpcs") < 1:
+        raise FlagError(f"--max-concurrent-rpcs={value('max-concurrent-rpcs')} is not allowed; it must be >= 1")
     from engine.distributed import check as check_distributed
     try:
         check_distributed(value("coordinator-address"), value("num-processes"), value("process-id"))
     except ValueError as e:
         raise FlagError(str(e)) from None
     options = ServeOptions(host=value("host"), port=value("port"), metrics_port=value("metrics-port") or None,
-                           shutdown_grace_seconds=value("shutdown-grace-seconds"),
+                           max_concurrent_rpcs=value("max-concurrent-rpcs"),
+                           shutdown_timeout_seconds=value("shutdown-timeout-seconds"),
                            coordinator_address=value("coordinator-address"),
                            num_processes=value("num-processes"), process_id=value("process-id"))
     return config, options

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.request import Request
+from engine.request_checks import check_prompt_text, messages_bytes
 from engine.sampling_params import SamplingParams
 
 
@@ -38,9 +39,12 @@ class LLM:
         self._ids = itertools.count()
 
     def _prompt_ids(self, prompt: Any) -> tuple[int, ...]:
+        config = self.engine.config
         if isinstance(prompt, str):
+            check_prompt_text("prompt", len(prompt.encode()), config)  # before the (costly) tokenizing
             return tuple(self.tokenizer.encode(prompt))
         if _is_chat(prompt):
+            check_prompt_text("messages", messages_bytes(prompt), config)
             return tuple(self.tokenizer.encode_chat(prompt))
         if _is_token_ids(prompt):
             return tuple(int(t) for t in prompt)
@@ -80,6 +84,10 @@ class LLM:
                 if rid in results:
                     continue
                 for out in stream.drain():
+                    if out.error is not None:  # an engine fault ended it (a failed step raises instead)
+                        for other in streams:
+                            self.engine.abort(other)
+                        raise RuntimeError(f"request {rid}: {out.error.message}")
                     toks.extend(out.new_token_ids)
                     text.append(out.text)
                     if out.finish_reason is not None:

@@ -43,7 +43,9 @@ class EngineStatsCollector(Collector):
             ("engine_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache.",
              s.prefix_cache_hit_tokens),
             ("engine_prefix_cache_evictions", "Cached blocks evicted to make room.", s.prefix_cache_evictions),
-            ("engine_preemptions", "Running requests preempted for lack of KV pages.", s.preemptions))
+            ("engine_preemptions", "Running requests preempted for lack of KV pages.", s.preemptions),
+            ("engine_step_failures", "Engine steps that raised (each fails the requests in flight).",
+             s.step_failures))
         for name, doc, value in counters:
             # CounterMetricFamily appends the `_total` suffix in the exposition.
             yield CounterMetricFamily(name, doc, value=value)

@@ -2,7 +2,8 @@
 
 `build_request` turns a GenerateRequest into an engine `Request` (tokenized, defaults applied) or raises
 InvalidRequest with a message naming the field; `to_response` turns a RequestOutput into a
-GenerateResponse. Nothing a client sends can reach the engine unchecked.
+GenerateResponse. Nothing a client sends can reach the engine unchecked, and the cheap limits
+(engine/request_checks.py: identifiers, stop strings, prompt bytes) are checked before any tokenizing.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import uuid
 from google.protobuf.message import DecodeError
 
 from engine.request import FinishReason, Request, RequestOutput
+from engine.request_checks import check_identifiers, check_prompt_text, check_stop, messages_bytes
 from engine.sampling_params import SamplingParams
 from engine.v1 import engine_pb2 as pb
 
@@ -127,10 +129,26 @@ def sampling_params(s: pb.SamplingParams, kind: str, prompt_len: int, max_length
     return params   # prompt + max_tokens vs --max-length: checked by engine.add_request
 
 
+def check_cheap_limits(request: pb.GenerateRequest, config) -> None:
+    """The limits that need no tokenizer, so an oversized request costs almost nothing; raises InvalidRequest."""
+    try:
+        check_identifiers(request.request_id, request.cache_salt)
+        check_stop(request.sampling.stop, config)
+        kind = request.WhichOneof("input")
+        if kind == "prompt":
+            check_prompt_text("prompt", len(request.prompt.encode()), config)
+        elif kind == "messages":
+            check_prompt_text("messages", messages_bytes(
+                [{"role": m.role, "content": m.content} for m in request.messages.messages]), config)
+    except ValueError as e:
+        raise InvalidRequest(str(e)) from None
+
+
 def build_request(request, engine) -> Request:
     """Validates and tokenizes one GenerateRequest; raises InvalidRequest naming the field."""
     if request is UNDECODABLE:
         raise InvalidRequest("request: not a valid engine.v1.GenerateRequest")
+    check_cheap_limits(request, engine.config)
     kind, ids = prompt_token_ids(request, engine)
     sampling = sampling_params(request.sampling, kind, len(ids), engine.config.max_length)
     return Request(request_id=request.request_id or uuid.uuid4().hex, prompt_token_ids=tuple(ids),

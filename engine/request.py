@@ -2,10 +2,16 @@
 
 The gRPC server, the offline `LLM` and the tests' fake engine all speak this contract:
 
-    engine.add_request(Request) -> RequestStream   # ValueError (bad request), QueueFullError, DuplicateRequestError
-    engine.abort(request_id) -> None               # frees the request's pages within one step
+    engine.add_request(Request) -> RequestStream   # ValueError (bad request), QueueFullError, DuplicateRequestError,
+                                                   # EngineUnavailableError (shut down, draining or dead)
+    engine.abort(request_id, stream=None) -> None  # frees the request's pages within one step; only ever
+                                                   # reaches the request in flight under that id now
     stream.get(timeout=None) -> RequestOutput      # blocks; the last one has finish_reason set
     for out in stream: ...                         # iterates until the finished output
+
+A request killed by an engine fault ends with finish_reason ABORT *and* `error` set (a RequestError):
+front ends must end such a call with the error's status (ErrorCode: INTERNAL / UNAVAILABLE), never as a
+normal finish. A plain ABORT (error None) is a client cancel or a server shutdown.
 """
 from __future__ import annotations
 
@@ -20,6 +26,28 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"        # EOS or a stop string
     LENGTH = "length"    # max_tokens or --max-length reached
     ABORT = "abort"      # cancelled by the client or the server shutting down
+
+
+class ErrorCode(str, enum.Enum):
+    INTERNAL = "internal"        # an engine fault killed this request (gRPC INTERNAL, HTTP 500)
+    UNAVAILABLE = "unavailable"  # the engine is restarting/stopped/draining (gRPC UNAVAILABLE, HTTP 503)
+
+
+@dataclass(frozen=True)
+class RequestError:
+    """Why the engine, not the client, ended a request."""
+    code: ErrorCode
+    message: str
+
+
+def describe_exception(e: BaseException) -> str:
+    """One line for a client or a log: the exception's type and the first line of its message."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
+
+
+class EngineUnavailableError(RuntimeError):
+    """The engine takes no requests: it is shut down, draining, or dead after a fault (gRPC UNAVAILABLE)."""
 
 
 class QueueFullError(RuntimeError):
@@ -48,6 +76,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int
+    error: RequestError | None = None   # set (with finish_reason ABORT) when an engine fault ended it
 
 
 class RequestStream:

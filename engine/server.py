@@ -5,9 +5,13 @@ Start-up order, and why:
   2. bind the gRPC port, start health (NOT_SERVING) and reflection: a taken port fails before minutes of
      model loading, and orchestrators can probe the server while the model loads;
   3. build the engine, warm it up (compiles every bucket), start its loop, then report SERVING.
-SIGTERM / SIGINT: stop admitting (UNAVAILABLE), let in-flight streams finish for --shutdown-grace-seconds,
-abort the rest (they end with finish_reason ABORT), shut the engine down and exit 0. A signal while the
-model is still loading (nothing in flight yet), or a second signal, exits at once.
+Any start-up failure (bad host, unloadable model or tokenizer, an XLA error or out of memory in warm-up)
+prints one line and exits 1.
+SIGTERM / SIGINT: stop admitting (UNAVAILABLE), let in-flight streams finish, abort the rest (they end with
+finish_reason ABORT), shut the engine down and exit 0 — all within --shutdown-timeout-seconds (at least
+ABORT_RESERVE_SECONDS). A signal while the model is still loading, or a second signal, exits at once.
+If the engine dies (a fault it cannot recover from): health NOT_SERVING, every call UNAVAILABLE, and the
+process exits 1 so that its supervisor (Kubernetes, systemd) restarts it — WORKSPACE.md § Faults.
 
     python -m engine.server --model-path=model.gguf --port=50051 --metrics-port=9090
 """
@@ -20,6 +24,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from concurrent import futures
 from typing import Callable
 
@@ -31,10 +36,14 @@ from grpc_reflection.v1alpha import reflection
 from engine.config import EngineConfig
 from engine.flags import FlagError, ServeOptions, config_from_flags, define_flags, parse_argv
 from engine.metrics import ServerMetrics
-from engine.servicer import SERVICE_NAME, EngineServicer, add_to_server
+from engine.request import describe_exception
+from engine.servicer import DEFAULT_MAX_CONCURRENT_RPCS, SERVICE_NAME, EngineServicer, add_to_server
 
-MIN_WORKERS = 64         # every open stream holds one gRPC worker thread
-ABORT_WAIT_SECONDS = 5.0  # after aborting, how long streams get to send their last (ABORT) message
+# Every open Generate stream holds a gRPC worker thread; these few more keep GetModelInfo, health checks and
+# reflection answering while --max-concurrent-rpcs streams are open.
+EXTRA_WORKERS = 16
+# The end of a shutdown: stopping the engine loop (one step), the streams' last messages, gRPC's stop.
+ABORT_RESERVE_SECONDS = 3.0
 
 
 class ServeError(RuntimeError):
@@ -46,13 +55,17 @@ def _address(host: str, port: int) -> str:
 
 
 def _check_port_free(host: str, port: int) -> None:
-    """Fails in one line when nothing can listen on host:port. gRPC would say so too, but only after
+    """Fails in one line when the host does not resolve or nothing can listen on host:port. gRPC would say so too, but only after
     logging a multi-line core error; a plain bind probe (same SO_REUSEADDR as gRPC) says it cleanly."""
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ServeError(f"--host={host}: not an address this machine can listen on "
+                         f"({getattr(e, 'strerror', None) or e})") from None
     if port == 0:
         return
     errors = []
-    for family, kind, proto, _, addr in socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
-                                                           flags=socket.AI_PASSIVE):
+    for family, kind, proto, _, addr in addresses:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -67,16 +80,22 @@ class EngineServer:
     """A gRPC server (engine.v1.Engine + grpc.health.v1 + reflection) and its /metrics endpoint.
 
     Construction binds the ports (raising ServeError); `start()` starts answering (health NOT_SERVING);
-    `attach(engine)` warms the engine up, starts it and reports SERVING; `shutdown(grace)` drains.
+    `attach(engine)` warms the engine up, starts it and reports SERVING, then watches it: if it dies, health
+    goes NOT_SERVING and `failure` / `wait_failed` say why; `shutdown(timeout)` drains.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, metrics_port: int | None = None,
-                 max_workers: int = MIN_WORKERS):
+                 max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS):
         self.metrics = ServerMetrics(self._stats)
-        self.servicer = EngineServicer(self.metrics)
+        self.servicer = EngineServicer(self.metrics, max_concurrent_rpcs)
+        self.failure: str | None = None
+        self._failed = threading.Event()
+        workers = max_concurrent_rpcs + EXTRA_WORKERS
         # so_reuseport=0: otherwise a second server silently shares a port that is already taken.
-        self._server = grpc.server(futures.ThreadPoolExecutor(max(max_workers, MIN_WORKERS), "grpc"),
-                                   options=[("grpc.so_reuseport", 0)])
+        # maximum_concurrent_rpcs: past the pool gRPC refuses calls (RESOURCE_EXHAUSTED) instead of queueing
+        # them without bound; the servicer refuses Generate earlier, at --max-concurrent-rpcs, naming the flag.
+        self._server = grpc.server(futures.ThreadPoolExecutor(workers, "grpc"), options=[("grpc.so_reuseport", 0)],
+                                   maximum_concurrent_rpcs=workers)
         add_to_server(self.servicer, self._server)
         # Health Watch streams are long-lived: give them their own pool, not the Generate workers.
         self.health = health.HealthServicer(experimental_non_blocking=True,
@@ -115,18 +134,39 @@ class EngineServer:
         engine.start()
         self.servicer.attach(engine)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        threading.Thread(target=self._watch, args=(engine,), name="engine-watch", daemon=True).start()
 
-    def shutdown(self, grace: float) -> None:
-        """Stops admitting, waits up to `grace` s for in-flight streams, aborts the rest, stops everything."""
+    def _watch(self, engine) -> None:
+        """Waits for the engine to stop; if it died (rather than being shut down), stops serving."""
+        reason = engine.wait_until_stopped()
+        if reason is None:
+            return
+        logging.error("engine.server: the engine failed: %s", reason)
+        self.servicer.mark_failed(reason)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.failure = reason
+        self._failed.set()
+
+    def wait_failed(self, timeout: float | None = None) -> str | None:
+        """Blocks until the engine has died (or `timeout` passes); returns why, or None."""
+        self._failed.wait(timeout)
+        return self.failure
+
+    def shutdown(self, timeout: float) -> None:
+        """Stops admitting; in-flight streams may finish for `timeout - ABORT_RESERVE_SECONDS`, then the rest are
+        aborted and everything stops. Returns within max(timeout, ABORT_RESERVE_SECONDS) s plus a little."""
+        drain_until = time.monotonic() + max(0.0, timeout - ABORT_RESERVE_SECONDS)
         self.servicer.drain()
         self.health.enter_graceful_shutdown()  # NOT_SERVING for every service from now on
-        if not self.servicer.wait_idle(grace):
-            logging.warning("shutdown: aborting the streams still running after %.1f s", grace)
+        if not self.servicer.wait_idle(max(0.0, drain_until - time.monotonic())):
+            logging.warning("shutdown: aborting the streams still running after %.1f s", timeout)
+        deadline = time.monotonic() + ABORT_RESERVE_SECONDS
+        left = lambda: max(0.0, deadline - time.monotonic())  # noqa: E731
         engine = self.servicer.engine
-        if engine is not None:
-            engine.shutdown(abort_inflight=True)  # remaining streams get a last message with ABORT
-        self.servicer.wait_idle(ABORT_WAIT_SECONDS)
-        self._server.stop(grace=1.0).wait()
+        if engine is not None:  # remaining streams get a last message with ABORT
+            engine.shutdown(abort_inflight=True, timeout=ABORT_RESERVE_SECONDS * 2 / 3)
+        self.servicer.wait_idle(max(0.0, left() - 0.5))
+        self._server.stop(grace=min(0.5, left())).wait(left() + 0.5)
         self.metrics.stop_http()
 
 
@@ -176,27 +216,44 @@ def serve(config: EngineConfig, options: ServeOptions, engine_factory: Callable 
         except ValueError as e:
             _fail(e, 2)
     signals = _Signals()
-    workers = config.max_batch_size + config.max_waiting_requests + 8  # every admitted stream holds a thread
     try:
-        server = EngineServer(options.host, options.port, options.metrics_port, max_workers=workers)
+        server = EngineServer(options.host, options.port, options.metrics_port, options.max_concurrent_rpcs)
     except ServeError as e:
         _fail(e, 1)
     server.start()
-    try:
-        engine = (engine_factory or _load_llm_engine)(config)
-        server.attach(engine)
-    except (ValueError, ServeError) as e:  # LLMEngine raises ValueError for a bad model path / setting
-        server.shutdown(grace=0)
-        _fail(e, 1)
+    engine = _start_engine(server, config, engine_factory)
     signals.serving = True  # from here on a signal drains instead of exiting at once
     metrics = f"; metrics at :{server.metrics_port}/metrics" if server.metrics_port else ""
     print(f"engine.server: serving {engine.model_name} on {server.address} "
           f"(devices {engine.device_description}{metrics})", flush=True)
-    while not signals.stop.wait(1.0):  # a timed wait keeps the main thread responsive to signals
+    # A timed wait keeps the main thread responsive to signals.
+    while not signals.stop.wait(0.5) and server.failure is None:
         pass
-    logging.info("engine.server: shutting down (grace %.1f s)", options.shutdown_grace_seconds)
-    server.shutdown(options.shutdown_grace_seconds)
+    if server.failure is not None:
+        server.shutdown(0)
+        _fail(f"the engine failed ({server.failure}); exiting with status 1 so that a supervisor restarts "
+              "the server", 1)
+    logging.info("engine.server: shutting down (within %.1f s)", options.shutdown_timeout_seconds)
+    server.shutdown(options.shutdown_timeout_seconds)
     return 0
+
+
+def _start_engine(server: EngineServer, config: EngineConfig, engine_factory: Callable | None):
+    """Builds, warms up and attaches the engine; any failure: one line, exit 1."""
+    phase = "loading the model"
+    try:
+        engine = (engine_factory or _load_llm_engine)(config)
+        phase = "warm-up"
+        server.attach(engine)
+        return engine
+    except (ValueError, ServeError) as e:  # LLMEngine raises ValueError for a bad model path / setting
+        message = str(e)
+    except (RuntimeError, MemoryError, OSError) as e:  # XLA errors (a failed compile, out of memory) included
+        message = f"{phase} failed: {describe_exception(e)}"
+        if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+            message += " (out of memory: lower --kv-cache-pages, --device-memory-utilization or --max-batch-size)"
+    server.shutdown(0)
+    _fail(message, 1)
 
 
 def _main(argv: list[str], engine_factory: Callable | None) -> int:

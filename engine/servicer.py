@@ -4,10 +4,14 @@ One Generate call = one engine request: validate and tokenize (engine.proto_conv
 then stream each RequestOutput until the one with a finish reason. A client that cancels or disconnects
 has its request aborted at once through gRPC's done-callback, so its KV pages go back to the pool.
 The servicer exists before the engine does (health and reflection answer while the model loads):
-until `attach(engine)` and after `drain()`, Generate answers UNAVAILABLE.
+until `attach(engine)`, after `drain()` and once the engine has failed (`mark_failed`), Generate answers
+UNAVAILABLE; beyond --max-concurrent-rpcs calls in flight, RESOURCE_EXHAUSTED. A request that an engine
+fault ended (RequestOutput.error) ends its call with that error's status (INTERNAL / UNAVAILABLE), never
+with a normal ABORT.
 """
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 
@@ -15,7 +19,8 @@ import grpc
 
 from engine.metrics import ServerMetrics
 from engine.proto_convert import InvalidRequest, build_request, parse_generate_request, to_response
-from engine.request import DuplicateRequestError, FinishReason, QueueFullError, Request
+from engine.request import (DuplicateRequestError, EngineUnavailableError, ErrorCode, FinishReason, QueueFullError,
+                            Request, RequestOutput)
 from engine.v1 import engine_pb2 as pb
 from engine.v1 import engine_pb2_grpc
 
@@ -23,13 +28,15 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Engine"].full_name  # "engine.v1.
 # How often a stream blocked on the engine re-checks that its client is still connected. The
 # done-callback normally aborts at once; polling only bounds the damage if a callback is ever missed.
 POLL_SECONDS = 0.5
+DEFAULT_MAX_CONCURRENT_RPCS = 256  # --max-concurrent-rpcs
+STATUS_OF = {ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL, ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE}
 
 
 class _Call:
     """One Generate call's end, shared by the streaming loop and gRPC's done-callback (either may win)."""
 
-    def __init__(self, engine, request_id: str, timer):
-        self._engine, self.request_id, self.timer = engine, request_id, timer
+    def __init__(self, engine, request_id: str, stream, timer):
+        self._engine, self.request_id, self.stream, self.timer = engine, request_id, stream, timer
         self._lock = threading.Lock()
         self._done = False
 
@@ -46,18 +53,20 @@ class _Call:
     def cancel(self) -> None:
         """The RPC ended (cancelled, disconnected, deadline) before the engine finished: free the pages now."""
         if self.finish(FinishReason.ABORT):
-            self._engine.abort(self.request_id)
+            self._engine.abort(self.request_id, self.stream)  # this call's request only, never a newer one
 
 
 class EngineServicer(engine_pb2_grpc.EngineServicer):
     """Generate and GetModelInfo; counts in-flight streams so a shutdown can wait for them."""
 
-    def __init__(self, metrics: ServerMetrics | None = None):
+    def __init__(self, metrics: ServerMetrics | None = None, max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS):
         self._metrics = metrics
         self._engine = None
         self._draining = False
+        self._failure: str | None = None
         self._cond = threading.Condition()
         self._in_flight = 0
+        self.max_concurrent_rpcs = max_concurrent_rpcs
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def attach(self, engine) -> None:
@@ -69,6 +78,11 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         """Stops admitting: new calls get UNAVAILABLE; calls already streaming carry on."""
         with self._cond:
             self._draining = True
+
+    def mark_failed(self, reason: str) -> None:
+        """The engine is dead: new calls get UNAVAILABLE naming `reason` (in-flight ones end UNAVAILABLE too)."""
+        with self._cond:
+            self._failure = reason
 
     def wait_idle(self, timeout: float | None) -> bool:
         """Blocks until no Generate call is in flight; False if `timeout` passed first."""
@@ -103,10 +117,17 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
     def _enter(self, context):
         """The engine to use, counting this call as in flight; UNAVAILABLE while loading or draining."""
         with self._cond:
+            if self._failure is not None:
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"the engine stopped after a fault ({self._failure}); "
+                                                           "the server is restarting, retry shortly")
             if self._draining:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
             if self._engine is None:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
+            if self._in_flight >= self.max_concurrent_rpcs:  # checked first thing: a refusal costs no work
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{self._in_flight} Generate calls are in flight "
+                              f"(--max-concurrent-rpcs={self.max_concurrent_rpcs}); retry later")
             self._in_flight += 1
             return self._engine
 
@@ -117,25 +138,40 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         except InvalidRequest as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         stream = self._add_request(engine, engine_request, context)
-        call = _Call(engine, engine_request.request_id, timer)
+        call = _Call(engine, engine_request.request_id, stream, timer)
         if not context.add_callback(call.cancel):
             call.cancel()  # the RPC already ended between add_request and here
             return
         while True:
+            out = self._next_output(engine, call, context)
+            if out is None:
+                return
+            if call.timer is not None:
+                call.timer.on_tokens(len(out.new_token_ids))
+            if out.finish_reason is None:
+                yield to_response(out)
+                continue
+            call.finish(out.finish_reason)  # before the last yield: the done-callback must not abort
+            if out.error is None:
+                yield to_response(out)
+                return
+            if out.new_token_ids or out.text:  # what was streamed before the fault, then the error status
+                yield to_response(dataclasses.replace(out, finish_reason=None))
+            context.abort(STATUS_OF[out.error.code], out.error.message)
+
+    @staticmethod
+    def _next_output(engine, call: _Call, context) -> RequestOutput | None:
+        """The stream's next output; None when the client went away (its request is aborted)."""
+        while True:
             try:
-                out = stream.get(timeout=POLL_SECONDS)
+                return call.stream.get(timeout=POLL_SECONDS)
             except queue.Empty:
                 if not context.is_active():
                     call.cancel()
-                    return
-                continue
-            if call.timer is not None:
-                call.timer.on_tokens(len(out.new_token_ids))
-            if out.finish_reason is not None:
-                call.finish(out.finish_reason)  # before the last yield: the done-callback must not abort
-                yield to_response(out)
-                return
-            yield to_response(out)
+                    return None
+                if engine.failure is not None and call.finish(FinishReason.ABORT):  # a dead engine that did not
+                    context.abort(grpc.StatusCode.UNAVAILABLE,                      # end this stream itself
+                                  f"the engine stopped after a fault ({engine.failure})")
 
     def _add_request(self, engine, engine_request: Request, context):
         """engine.add_request, mapping its errors to status codes."""
@@ -148,6 +184,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         except DuplicateRequestError:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"request_id={engine_request.request_id!r} is already in flight; use a unique id")
+        except EngineUnavailableError as e:  # shut down, draining, or dead after a fault
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except ValueError as e:  # the engine's own checks name the field
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except RuntimeError:

@@ -16,6 +16,7 @@ class EngineStats:
     prefix_cache_hit_tokens: int = 0       # cumulative: prompt tokens served from cache
     prefix_cache_evictions: int = 0        # cumulative: cached blocks evicted to make room
     preemptions: int = 0                   # cumulative
+    step_failures: int = 0                 # cumulative: engine steps that raised (each failed its requests)
     num_compilations: int = 0              # cumulative: jitted step compilations
 
     @property

@@ -8,36 +8,31 @@ Supported `tokenizer.ggml.model` kinds:
           "▁" with one prepended to every text segment (as llama.cpp and transformers' legacy Llama do).
 CONTROL, USER_DEFINED and UNKNOWN tokens are registered as added tokens, so their text in a prompt is that
 one token (llama.cpp's and transformers' behaviour). BOS/EOS are added here, per the GGUF flags, not by a
-post-processor, so `encode` is the whole story.
+post-processor, so `encode` is the whole story. Chat message *content* is the exception (`encode_chat`):
+it is plain text, so a user cannot forge a turn by writing `<|im_start|>system` into a message; only the
+special tokens the chat template itself writes are control tokens.
 """
 from __future__ import annotations
 
-import datetime
-import json
 import logging
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import gguf
-import jinja2.ext
-import jinja2.sandbox
+import jinja2
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
+
+from engine.chat_template import ALLOWED_ROLES, CHATML_TEMPLATE, check_messages, compile_template, content_spans
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODELS = ("gpt2", "llama")
-ALLOWED_ROLES = ("system", "user", "assistant", "tool")
 # CONTROL tokens that end a turn, stopped on like EOS (llama.cpp's end-of-generation list): models whose
 # GGUF has no eot_token_id still stop at the end of their turn.
 END_OF_TURN_TEXTS = frozenset(("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>",
                                "<|endoftext|>", "<EOT>"))
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 _KEY = "tokenizer.ggml."
 _TT = gguf.TokenType
 
@@ -74,10 +69,29 @@ class Tokenizer:
         self.chat_template = chat_template
         self.source = source
         self._template: jinja2.Template | None = None
+        self._special_ids: dict[str, int] = {}  # special-token text -> id (the first id, as the vocab map does)
+        for i, added in sorted(hf.get_added_tokens_decoder().items()):
+            if added.special:
+                self._special_ids.setdefault(added.content, i)
+        # Leftmost-longest, as the tokenizer matches added tokens.
+        self._special_re = re.compile("|".join(re.escape(t) for t in sorted(self._special_ids, key=len, reverse=True))
+                                      ) if self._special_ids else None
+        self._plain: HFTokenizer | None = None  # a copy that reads special-token text as ordinary text
 
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any], source: str = "") -> Tokenizer:
         """Build the tokenizer from `read_metadata` output; `source` (the file) is named in errors."""
+        try:
+            return cls._from_gguf_metadata(meta, source)
+        except ValueError:
+            raise
+        except Exception as e:  # `tokenizers` raises bare Exceptions (e.g. a merge naming a missing token)
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise ValueError(f"{source or 'GGUF'}: cannot build the tokenizer from its vocabulary "
+                             f"({type(e).__name__}: {first})") from None
+
+    @classmethod
+    def _from_gguf_metadata(cls, meta: Mapping[str, Any], source: str) -> Tokenizer:
         kind = meta.get(_KEY + "model")
         if kind not in SUPPORTED_MODELS:
             raise ValueError(f"{source or 'GGUF'}: tokenizer.ggml.model={kind!r} is not supported; "
@@ -101,20 +115,47 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special-token text in it is that token. BOS/EOS per the GGUF flags."""
         ids = self._hf.encode(text, add_special_tokens=False).ids
-        if add_special_tokens:
-            if self.add_bos_token and self.bos_token_id is not None:
-                ids.insert(0, self.bos_token_id)
-            if self.add_eos_token and self.eos_token_id is not None:
-                ids.append(self.eos_token_id)
+        return self._add_bos_eos(ids) if add_special_tokens else ids
+
+    def _add_bos_eos(self, ids: list[int]) -> list[int]:
+        if self.add_bos_token and self.bos_token_id is not None:
+            ids.insert(0, self.bos_token_id)
+        if self.add_eos_token and self.eos_token_id is not None:
+            ids.append(self.eos_token_id)
         return ids
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of the rendered chat. Templates that write `{{ bos_token }}` themselves (Llama 2/3,
-        Mistral) would get a second BOS from `add_bos_token`; like llama.cpp, keep only one."""
-        ids = self.encode(self.apply_chat_template(messages, add_generation_prompt))
+        """Token ids of the rendered chat. Message content is plain text: special-token text inside it is
+        tokenized as ordinary characters, never as a control token; the template's own special tokens are.
+        Templates that write `{{ bos_token }}` themselves (Llama 2/3, Mistral) would get a second BOS from
+        `add_bos_token`; like llama.cpp, keep only one."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        if self._special_re is None or not any(self._special_re.search(m["content"]) for m in messages):
+            ids = self._hf.encode(text, add_special_tokens=False).ids  # nothing to keep plain
+        else:
+            spans = content_spans(lambda msgs: self.apply_chat_template(msgs, add_generation_prompt), messages, text)
+            if spans is None:
+                raise ValueError(f"{self.source or 'GGUF'}: the chat template changes message content, so "
+                                 "special-token text in a message cannot be kept as plain text; remove it")
+            ids = self._encode_outside(text, spans)
+        ids = self._add_bos_eos(ids)
         if self.add_bos_token and len(ids) > 1 and ids[0] == ids[1] == self.bos_token_id:
             del ids[0]
         return ids
+
+    def _encode_outside(self, text: str, spans: list[tuple[int, int]]) -> list[int]:
+        """Token ids of `text` where special-token text is a control token only outside `spans`."""
+        if self._plain is None:
+            self._plain = HFTokenizer.from_str(self._hf.to_str())
+            self._plain.encode_special_tokens = True
+        ids, pos = [], 0
+        for m in self._special_re.finditer(text):
+            if any(m.start() < end and start < m.end() for start, end in spans):
+                continue  # written by a user: stays plain text
+            ids += self._plain.encode(text[pos:m.start()], add_special_tokens=False).ids
+            ids.append(self._special_ids[m.group()])
+            pos = m.end()
+        return ids + self._plain.encode(text[pos:], add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; CONTROL tokens are dropped when `skip_special_tokens`."""
@@ -134,9 +175,9 @@ class Tokenizer:
         A GGUF without a template whose vocabulary has `<|im_start|>`/`<|im_end|>` gets ChatML (the only
         format those tokens imply), with a warning; any other model without a template is a ValueError.
         """
-        _check_messages(messages)
+        check_messages(messages)
         if self._template is None:
-            self._template = _compile_template(self._template_text())
+            self._template = compile_template(self._template_text())
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          bos_token=self._token_text(self.bos_token_id),
@@ -155,40 +196,6 @@ class Tokenizer:
 
     def _token_text(self, token_id: int | None) -> str:
         return "" if token_id is None else (self.id_to_token(token_id) or "")
-
-
-def _check_messages(messages: Any) -> None:
-    """Raise ValueError naming the first bad message field (roles must be in ALLOWED_ROLES)."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r}")
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, Mapping):
-            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {msg!r}")
-        if msg.get("role") not in ALLOWED_ROLES:
-            raise ValueError(f"messages[{i}].role={msg.get('role')!r} is not allowed; "
-                             f"choose one of {', '.join(ALLOWED_ROLES)}")
-        if not isinstance(msg.get("content"), str):
-            raise ValueError(f"messages[{i}].content must be a string, got {msg.get('content')!r}")
-
-
-def _compile_template(text: str) -> jinja2.Template:
-    """Compile a chat template in the environment transformers uses (sandboxed, trim/lstrip blocks)."""
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                      extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-    return env.from_string(text)
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    # jinja2's own tojson HTML-escapes ("<" -> "\u003c"); templates expect plain JSON, as in transformers.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _build_gpt2(meta: Mapping[str, Any], tokens: list[str], source: str) -> HFTokenizer:

@@ -9,11 +9,14 @@ top_p, top_k, seed, stop, ignore_eos}. Output lines, in input order:
 or {"id", "line", "error"} for a line that cannot be parsed or a request that failed (the run goes on).
 The offline engine runs with prefix caching on (--no-prefix-caching turns it off) and takes the server's
 engine flags; it gets each --batch-size lines in one `generate` call so they batch together.
---resume keeps the output file's successful records and only runs the ids it lacks (errors are retried).
+--resume keeps the output file's finished records (each id once) and runs the rest again: ids it lacks,
+error records, and results cut off by a server shutdown or an engine fault (finish_reason "abort").
+Every record is fsynced as it is written, and so is the final file and its directory.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import time
@@ -26,6 +29,7 @@ from engine.flags import ENGINE_FLAGS  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from scripts.batch_io import (Item, OrderedWriter, error_record, open_output, read_done,  # noqa: E402
                               read_input, result_record, rewrite_in_order)
+from scripts.durable_io import fsync_dir  # noqa: E402
 
 _ARG_TYPES = {"string": str, "integer": int, "float": float}
 # Engine flags that mean nothing here: caching has its own switch (on by default for batch jobs).
@@ -201,6 +205,8 @@ def main(argv=None) -> int:
             backend.run(todo, writer.emit)
     if args.resume:  # the file may hold old records before the appended ones: put everything in order
         rewrite_in_order(args.output, items, errors, done, writer.records)
+    else:
+        fsync_dir(os.path.dirname(os.path.abspath(args.output)))  # the new file's directory entry
     print(_summary(writer.records, len(items) - len(todo), time.perf_counter() - start))
     return 0
 

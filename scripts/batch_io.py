@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 
 from engine.sampling_params import SamplingParams
+from scripts.durable_io import fsync_dir
 
 INPUTS = ("prompt", "messages", "prompt_token_ids")
 SAMPLING_TYPES = {"max_tokens": int, "temperature": (int, float), "top_p": (int, float), "top_k": int,
@@ -94,8 +95,16 @@ def _id_or_none(text: str):
         return None
 
 
+def is_done(record) -> bool:
+    """A record --resume keeps: a result that ran to its end. Error records and results cut off by a server
+    shutdown or an engine fault (finish_reason "abort") are run again."""
+    return (isinstance(record, dict) and "id" in record and "error" not in record
+            and record.get("finish_reason") != "abort")
+
+
 def read_done(path: str) -> dict[object, dict]:
-    """The output file's successful records by id (for --resume); a torn last line is ignored."""
+    """The output file's finished records by id (for --resume; the last one of an id wins); a torn last
+    line is ignored."""
     done = {}
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
@@ -104,7 +113,7 @@ def read_done(path: str) -> dict[object, dict]:
                     record = json.loads(text)
                 except ValueError:
                     continue
-                if isinstance(record, dict) and "error" not in record and "id" in record:
+                if is_done(record):
                     done[record["id"]] = record
     return done
 
@@ -147,12 +156,13 @@ class OrderedWriter:
                 self.records.append(record)
             self._next += 1
         self._f.flush()  # a crash loses at most the records not yet in order; --resume picks up the rest
+        os.fsync(self._f.fileno())
         self._bar.update(1)
 
 
 def rewrite_in_order(path: str, items: list[Item], errors: dict, done: dict, new: list[dict]) -> None:
     """After --resume: the kept and new records, in input order (kept ids missing from the input go last)."""
-    by_id = {r["id"]: r for r in new if "error" not in r}
+    by_id = {r["id"]: r for r in new if "error" not in r}  # an "abort" result too: the latest outcome
     errors_by_line = {r["line"]: r for r in new if "error" in r}
     item_at = {item.index: item for item in items}
     lines = []
@@ -167,4 +177,7 @@ def rewrite_in_order(path: str, items: list[Item], errors: dict, done: dict, new
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in lines)
+        f.flush()
+        os.fsync(f.fileno())  # the data first, so the rename can never expose an empty or partial file
     os.replace(tmp, path)  # atomic: a crash here leaves the old, still resumable file
+    fsync_dir(os.path.dirname(os.path.abspath(path)))  # and the rename itself

@@ -7,6 +7,10 @@ tokenizer maps each character to its code point and each token back to `chr(toke
 ceil((prompt + max_tokens) / page_size) pages until it finishes or is aborted, so tests can assert that
 pages go back to 0. `pause()` / `run_steps(n)` / `resume()` hold the loop, to build queues and mid-stream
 states deterministically; `wait_for(predicate)` blocks on a condition instead of sleeping.
+Faults, as the real engine reports them: `fail_step()` ends every request in flight with an INTERNAL error
+(a failed step the engine recovered from); `die(reason)` (or a prompt ending in `die_on_token`) is a fault
+it cannot recover from: UNAVAILABLE for everyone, `failure` set, the loop gone. `stall()` blocks the loop
+inside a step until `unstall()`; `warmup_error` is raised by warmup().
 """
 from __future__ import annotations
 
@@ -14,8 +18,9 @@ import collections
 import threading
 
 from engine.config import EngineConfig, ModelConfig
-from engine.request import DuplicateRequestError, FinishReason, QueueFullError, Request, RequestOutput
-from engine.request import RequestStream
+from engine.request import (DuplicateRequestError, EngineUnavailableError, ErrorCode, FinishReason, QueueFullError,
+                            Request, RequestError, RequestOutput, RequestStream)
+from engine.request_checks import check_request
 from engine.stats import EngineStats
 
 
@@ -54,7 +59,8 @@ class FakeEngine:
     """Implements what engine.server needs of LLMEngine; thread-safe, with a background loop."""
 
     def __init__(self, config: EngineConfig | None = None, *, vocab_size: int = 1000, token_delay: float = 0.0,
-                 eos_token_id: int | None = None, warmup_gate: threading.Event | None = None):
+                 eos_token_id: int | None = None, warmup_gate: threading.Event | None = None,
+                 die_on_token: int | None = None, warmup_error: BaseException | None = None):
         config = config or EngineConfig()
         self.config = config.replace(quantization_encoding=config.quantization_encoding or "float32",
                                      max_length=config.max_length or 64, kv_cache_pages=config.kv_cache_pages or 256,
@@ -67,6 +73,7 @@ class FakeEngine:
         self.device_description = self.config.devices
         self.tokenizer = FakeTokenizer(vocab_size)
         self.token_delay, self.eos_token_id, self._warmup_gate = token_delay, eos_token_id, warmup_gate
+        self.die_on_token, self._warmup_error = die_on_token, warmup_error
         self.total_pages = self.config.kv_cache_pages - 1  # page 0 is reserved, as in the real pool
         self._cond = threading.Condition(threading.RLock())
         self._waiting: collections.deque[_Seq] = collections.deque()
@@ -75,6 +82,11 @@ class FakeEngine:
         self._counters = collections.Counter()   # prefix-cache and preemption counters
         self._steps_left: int | None = None  # None = run freely; 0 = paused
         self._stopping = False
+        self._accepting = True
+        self.failure: str | None = None
+        self._stopped = threading.Event()
+        self._unstalled, self.stalled = threading.Event(), threading.Event()
+        self._unstalled.set()
         self._thread: threading.Thread | None = None
         self.abort_calls: list[str] = []   # every abort(request_id) call
         self.aborted: list[str] = []       # requests that were live when aborted
@@ -84,6 +96,8 @@ class FakeEngine:
     def warmup(self) -> float:
         if self._warmup_gate is not None:
             self._warmup_gate.wait()
+        if self._warmup_error is not None:
+            raise self._warmup_error
         self.warmed_up = True
         return 0.0
 
@@ -92,18 +106,56 @@ class FakeEngine:
         self._thread = threading.Thread(target=self._loop, name="fake-engine", daemon=True)
         self._thread.start()
 
-    def shutdown(self, abort_inflight: bool = True) -> None:
+    def shutdown(self, abort_inflight: bool = True, timeout: float = 30.0) -> None:
         with self._cond:
+            self._accepting = False
             if not abort_inflight:
-                self._cond.wait_for(lambda: not self._waiting and not self._running)
+                self._cond.wait_for(lambda: not self._waiting and not self._running, timeout)
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout)
         with self._cond:
-            for rid in [s.request.request_id for s in self._waiting] + list(self._running):
-                self._abort_locked(rid)
+            if self._thread is not None and self._thread.is_alive():  # stalled in a step, like LLMEngine
+                self._end_all_locked(RequestError(ErrorCode.UNAVAILABLE, "the server is shutting down"))
+            else:
+                self._end_all_locked(None)
             self.shut_down = True
+        self._stopped.set()
+
+    # -- faults --------------------------------------------------------------------------------------
+    def fail_step(self, reason: str = "RuntimeError: injected") -> None:
+        """A failed step the engine recovered from: every request in flight ends with an INTERNAL error."""
+        with self._cond:
+            self._counters["step_failures"] += 1
+            self._end_all_locked(RequestError(ErrorCode.INTERNAL, f"the engine failed while running this "
+                                                                        f"request ({reason}); retry it"))
+
+    def die(self, reason: str = "recovery failed") -> None:
+        """A fault the engine cannot recover from: everyone UNAVAILABLE, new requests refused, loop ends."""
+        with self._cond:
+            self.failure = reason
+            self._accepting, self._stopping = False, True
+            self._end_all_locked(RequestError(ErrorCode.UNAVAILABLE, f"the engine stopped ({reason})"))
+        self._stopped.set()
+
+    def wait_until_stopped(self, timeout: float | None = None) -> str | None:
+        self._stopped.wait(timeout)
+        return self.failure
+
+    def stall(self) -> None:
+        """The loop's next step blocks (holding no lock) until unstall(); `stalled` is set once it does."""
+        self._unstalled.clear()
+
+    def unstall(self) -> None:
+        self._unstalled.set()
+
+    def _end_all_locked(self, error: RequestError | None) -> None:
+        for seq in list(self._waiting) + list(self._running.values()):
+            self.aborted.append(seq.request.request_id)
+            self._emit(seq, [], FinishReason.ABORT, error)
+        self._waiting.clear()
+        self._running.clear()
 
     def pause(self) -> None:
         """Freezes the loop after the current step: queued requests stay queued, running ones stay running."""
@@ -125,18 +177,12 @@ class FakeEngine:
 
     # -- request API -----------------------------------------------------------------------------------
     def add_request(self, request: Request) -> RequestStream:
-        ids, limit = request.prompt_token_ids, self.config.max_length
-        if not ids:
-            raise ValueError("prompt is empty")
-        # The same checks and messages as LLMEngine.validate (the servicer leaves them to the engine).
-        vocab = self.model_config.vocab_size
-        bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt_token_ids[{bad}]={ids[bad]} is outside the vocabulary [0, {vocab})")
-        if len(ids) + request.sampling.max_tokens > limit:
-            raise ValueError(f"sampling.max_tokens={request.sampling.max_tokens} with a {len(ids)}-token prompt "
-                             f"exceeds --max-length={limit}; ask for at most {limit - len(ids)}")
+        # The same checks as LLMEngine.validate (the servicer leaves them to the engine).
+        check_request(request, self.config, self.model_config.vocab_size, self.total_pages)
         with self._cond:
+            if not self._accepting:
+                raise EngineUnavailableError(f"the engine stopped ({self.failure})" if self.failure
+                                             else "the engine is shutting down")
             live = {s.request.request_id for s in self._waiting} | set(self._running)
             if request.request_id in live:
                 raise DuplicateRequestError(f"request_id={request.request_id!r} is already in flight")
@@ -147,10 +193,10 @@ class FakeEngine:
             self._cond.notify_all()
             return stream
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, stream: RequestStream | None = None) -> None:
         with self._cond:
             self.abort_calls.append(request_id)
-            self._abort_locked(request_id)
+            self._abort_locked(request_id, stream)
 
     def stats(self) -> EngineStats:
         with self._cond:
@@ -158,7 +204,8 @@ class FakeEngine:
             return EngineStats(
                 running_requests=len(self._running), waiting_requests=len(self._waiting), kv_pages_used=used,
                 kv_pages_free=self.total_pages - used, kv_pages_total=self.total_pages,
-                prefix_cache_queried_tokens=self._counters["queried"], prefix_cache_hit_tokens=self._counters["hit"])
+                prefix_cache_queried_tokens=self._counters["queried"], prefix_cache_hit_tokens=self._counters["hit"],
+                step_failures=self._counters["step_failures"])
 
     def reset_prefix_cache(self) -> bool:
         with self._cond:
@@ -166,22 +213,24 @@ class FakeEngine:
             return True
 
     # -- internals (all under self._cond) --------------------------------------------------------------
-    def _abort_locked(self, request_id: str) -> None:
-        seq = self._running.pop(request_id, None)
-        if seq is None:
-            seq = next((s for s in self._waiting if s.request.request_id == request_id), None)
-            if seq is None:
-                return  # unknown or already finished: a no-op, as in the real engine
+    def _abort_locked(self, request_id: str, stream: RequestStream | None = None) -> None:
+        seq = self._running.get(request_id) or next(
+            (s for s in self._waiting if s.request.request_id == request_id), None)
+        if seq is None or (stream is not None and stream is not seq.stream):
+            return  # unknown, finished, or a newer request reusing the id: a no-op, as in the real engine
+        if self._running.get(request_id) is seq:
+            del self._running[request_id]
+        else:
             self._waiting.remove(seq)
         self.aborted.append(request_id)
         self._emit(seq, [], FinishReason.ABORT)
 
-    def _emit(self, seq: _Seq, new: list[int], reason: FinishReason | None) -> None:
+    def _emit(self, seq: _Seq, new: list[int], reason: FinishReason | None, error: RequestError | None = None):
         text = "".join(chr(t) for t in new if t != self.eos_token_id)
         if reason is not None:
             seq.pages = 0  # the pages go back to the pool with the final output
         seq.stream.put(RequestOutput(seq.request.request_id, tuple(new), text, reason,
-                                     len(seq.request.prompt_token_ids), len(seq.output), seq.cached_tokens))
+                                     len(seq.request.prompt_token_ids), len(seq.output), seq.cached_tokens, error))
         self._cond.notify_all()
 
     def _admit(self) -> None:
@@ -192,6 +241,9 @@ class FakeEngine:
             need = -(-(len(ids) + seq.request.sampling.max_tokens) // page)
             if need > self.total_pages - sum(s.pages for s in self._running.values()):
                 return  # FIFO: the head waits for pages
+            if self.die_on_token is not None and ids[-1] == self.die_on_token:
+                self.die(f"injected fault on token {ids[-1]}")
+                return
             self._waiting.popleft()
             seq.pages = need
             self._running[seq.request.request_id] = seq
@@ -237,6 +289,9 @@ class FakeEngine:
                 self._step()
                 if self._steps_left:
                     self._steps_left -= 1
+            if not self._unstalled.is_set():  # a step that does not return (holding no lock)
+                self.stalled.set()
+                self._unstalled.wait()
             if self.token_delay:
                 with self._cond:  # a simulated step time that shutdown can cut short
                     self._cond.wait_for(lambda: self._stopping, self.token_delay)

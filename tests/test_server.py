@@ -52,7 +52,7 @@ def serving(engine: FakeEngine | None, metrics: bool = False):
         yield Served(server, engine, channel, engine_pb2_grpc.EngineStub(channel))
     finally:
         channel.close()
-        server.shutdown(grace=0)
+        server.shutdown(timeout=0)
 
 
 @pytest.fixture(scope="module")
@@ -130,34 +130,94 @@ def _sampling(**kw) -> pb.GenerateRequest:
     return pb.GenerateRequest(prompt="ab", sampling=pb.SamplingParams(**kw))
 
 
+def _chat(*pairs) -> pb.ChatMessages:
+    return pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in pairs])
+
+
+BIG = 2 ** 32
+INVALID, EXHAUSTED = CODE.INVALID_ARGUMENT, CODE.RESOURCE_EXHAUSTED
+# name -> (request, status, text the details must contain). The shared server: max_length 64, so the prompt-byte
+# limit is 32 x 64 = 2048 bytes; 16 stop strings of at most 256 characters.
 BAD_REQUESTS = {
-    "no input": (pb.GenerateRequest(), "input"),
-    "empty prompt": (pb.GenerateRequest(prompt=""), "prompt is empty"),
-    "empty messages": (pb.GenerateRequest(messages=pb.ChatMessages()), "messages is empty"),
-    "empty token ids": (ids_request([]), "prompt_token_ids is empty"),
-    "negative token id": (ids_request([1, -1]), "prompt_token_ids[1]=-1"),
-    "token id = vocab": (ids_request([1000]), "prompt_token_ids[0]=1000"),
-    "prompt too long": (ids_request([1] * 64), "prompt_token_ids: the prompt has 64 tokens"),
-    "prompt + max_tokens too long": (ids_request([1] * 60, max_tokens=5), "sampling.max_tokens=5"),
-    "max_tokens 0": (_sampling(max_tokens=0), "sampling.max_tokens=0"),
-    "negative temperature": (_sampling(temperature=-1), "sampling.temperature"),
-    "top_p 0": (_sampling(top_p=0), "sampling.top_p"),
-    "top_p > 1": (_sampling(top_p=1.5), "sampling.top_p"),
-    "negative top_k": (_sampling(top_k=-1), "sampling.top_k"),
-    "empty stop string": (_sampling(stop=[""]), "sampling.stop"),
-    "unknown role": (pb.GenerateRequest(messages=pb.ChatMessages(messages=[
-        pb.ChatMessage(role="user", content="a"), pb.ChatMessage(role="robot", content="b")])), "messages[1].role"),
+    "no input": (pb.GenerateRequest(), INVALID, "input"),
+    "empty prompt": (pb.GenerateRequest(prompt=""), INVALID, "prompt is empty"),
+    "empty messages": (pb.GenerateRequest(messages=pb.ChatMessages()), INVALID, "messages is empty"),
+    "empty token ids": (ids_request([]), INVALID, "prompt_token_ids is empty"),
+    "negative token id": (ids_request([1, -1]), INVALID, "prompt_token_ids[1]=-1"),
+    "token id = vocab": (ids_request([1000]), INVALID, "prompt_token_ids[0]=1000"),
+    "token id = int32 max": (ids_request([2 ** 31 - 1]), INVALID, "prompt_token_ids[0]=2147483647"),
+    "prompt too long": (ids_request([1] * 64), INVALID, "prompt_token_ids: the prompt has 64 tokens"),
+    "a million token ids": (ids_request([1] * 10 ** 6), INVALID, "the prompt has 1000000 tokens"),
+    "prompt + max_tokens too long": (ids_request([1] * 60, max_tokens=5), INVALID, "sampling.max_tokens=5"),
+    "max_tokens int32 max": (ids_request([1], max_tokens=2 ** 31 - 1), INVALID, "sampling.max_tokens=2147483647"),
+    "max_tokens 0": (_sampling(max_tokens=0), INVALID, "sampling.max_tokens=0"),
+    "negative max_tokens": (_sampling(max_tokens=-3), INVALID, "sampling.max_tokens=-3"),
+    "negative temperature": (_sampling(temperature=-1), INVALID, "sampling.temperature"),
+    "temperature NaN": (_sampling(temperature=float("nan")), INVALID, "sampling.temperature=nan"),
+    "temperature inf": (_sampling(temperature=float("inf")), INVALID, "sampling.temperature=inf"),
+    "temperature -inf": (_sampling(temperature=float("-inf")), INVALID, "sampling.temperature=-inf"),
+    "top_p 0": (_sampling(top_p=0), INVALID, "sampling.top_p"),
+    "top_p > 1": (_sampling(top_p=1.5), INVALID, "sampling.top_p"),
+    "top_p NaN": (_sampling(top_p=float("nan")), INVALID, "sampling.top_p=nan"),
+    "top_p inf": (_sampling(top_p=float("inf")), INVALID, "sampling.top_p=inf"),
+    "negative top_k": (_sampling(top_k=-1), INVALID, "sampling.top_k"),
+    "seed 2**32 (would alias seed 0)": (_sampling(seed=BIG), INVALID, f"sampling.seed={BIG}"),
+    "seed 2**64 - 1": (_sampling(seed=2 ** 64 - 1), INVALID, "[0, 4294967295]"),
+    "empty stop string": (_sampling(stop=[""]), INVALID, "sampling.stop"),
+    "17 stop strings": (_sampling(stop=[f"s{i}" for i in range(17)]), INVALID, "--max-stop-strings=16"),
+    "stop string of 257 chars": (_sampling(stop=["x" * 257]), INVALID, "sampling.stop[0] has 257 characters"),
+    "cache_salt of 257 chars": (pb.GenerateRequest(prompt="ab", cache_salt="s" * 257), INVALID, "cache_salt has 257"),
+    "request_id of 257 chars": (pb.GenerateRequest(prompt="ab", request_id="r" * 257), INVALID, "request_id has 257"),
+    "prompt of 2049 bytes": (pb.GenerateRequest(prompt="a" * 2049), INVALID, "--max-prompt-bytes=2048"),
+    "prompt of 1 MiB": (pb.GenerateRequest(prompt="é" * (1 << 19)), INVALID, "prompt has 1048576 bytes"),
+    "messages of 2049 bytes": (pb.GenerateRequest(messages=_chat(("user", "a" * 2045))), INVALID,
+                               "messages has 2049 bytes"),
+    "unknown role": (pb.GenerateRequest(messages=_chat(("user", "a"), ("robot", "b"))), INVALID, "messages[1].role"),
+    "empty role": (pb.GenerateRequest(messages=_chat(("", "a"))), INVALID, "messages[0].role=''"),
 }
 
 
 @pytest.mark.parametrize("name", BAD_REQUESTS)
-def test_bad_request_is_invalid_argument_naming_the_field(shared, name):
+def test_bad_request_gets_its_status_naming_the_field(shared, name):
     engine, stub = shared.engine, shared.stub
-    request, field = BAD_REQUESTS[name]
+    request, code, field = BAD_REQUESTS[name]
     with pytest.raises(grpc.RpcError) as e:
         list(stub.Generate(request))
-    assert e.value.code() == CODE.INVALID_ARGUMENT and field in e.value.details()
+    assert e.value.code() == code and field in e.value.details(), e.value.details()
     assert tokens_of(stub.Generate(ids_request([7], max_tokens=2))) == [8, 9]  # still serving
+
+
+def test_the_bad_input_matrix_covers_thirty_cases():
+    assert len(BAD_REQUESTS) >= 30
+
+
+def test_cheap_limits_are_checked_before_tokenizing(shared, monkeypatch):
+    """An oversized prompt is refused without being tokenized (tokenizing 1 MiB takes ~1 s of CPU)."""
+    calls = []
+    encode = shared.engine.tokenizer.encode
+    monkeypatch.setattr(shared.engine.tokenizer, "encode", lambda *a, **k: calls.append(a) or encode(*a, **k))
+    for request in (pb.GenerateRequest(prompt="a" * 4096), pb.GenerateRequest(messages=_chat(("user", "a" * 4096))),
+                    pb.GenerateRequest(prompt="ab", sampling=pb.SamplingParams(stop=["x"] * 17)),
+                    pb.GenerateRequest(prompt="ab", cache_salt="s" * 300)):
+        with pytest.raises(grpc.RpcError) as e:
+            list(shared.stub.Generate(request))
+        assert e.value.code() == CODE.INVALID_ARGUMENT
+    assert calls == []
+    assert tokens_of(shared.stub.Generate(pb.GenerateRequest(prompt="ab", sampling=pb.SamplingParams(max_tokens=1))))
+    assert calls
+
+
+def test_limits_follow_their_flags():
+    config = EngineConfig(max_length=64, max_stop_strings=2, max_stop_string_length=4, max_prompt_bytes=10)
+    with serving(FakeEngine(config)) as served:
+        for request, field in ((_sampling(stop=["a", "b", "c"]), "--max-stop-strings=2"),
+                               (_sampling(stop=["abcde"]), "--max-stop-string-length=4"),
+                               (pb.GenerateRequest(prompt="a" * 11), "--max-prompt-bytes=10")):
+            with pytest.raises(grpc.RpcError) as e:
+                list(served.stub.Generate(request))
+            assert e.value.code() == CODE.INVALID_ARGUMENT and field in e.value.details()
+        ok = pb.GenerateRequest(prompt="a" * 10, sampling=pb.SamplingParams(max_tokens=1, stop=["ab", "abcd"]))
+        assert len(tokens_of(served.stub.Generate(ok))) == 1
 
 
 def test_several_inputs_on_the_wire_are_rejected_not_half_ignored(shared):
@@ -226,7 +286,7 @@ def test_shutdown_past_grace_ends_streams_with_a_final_abort_message():
         assert engine.wait_for(lambda e: e.stats().waiting_requests == 1)
         engine.run_steps(1)  # one token, then the stream stays in flight
         next(call)
-        served.server.shutdown(grace=0)
+        served.server.shutdown(timeout=0)
         last = list(call)[-1]
         assert last.finish_reason == pb.GenerateResponse.ABORT and last.usage.prompt_tokens == 1
         assert engine.shut_down and engine.stats().kv_pages_used == 0
@@ -306,6 +366,12 @@ BAD_FLAGS = {
     "dtype": (["--quantization-encoding=int4"], "--quantization-encoding='int4'"),
     "unknown flag": (["--bogus=1"], "--bogus"),
     "missing model file": (["--model-path=/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
+    "max stop strings": (["--max-stop-strings=0"], "--max-stop-strings=0"),
+    "max stop string length": (["--max-stop-string-length=-1"], "--max-stop-string-length=-1"),
+    "max prompt bytes": (["--max-prompt-bytes=0"], "--max-prompt-bytes=0"),
+    "max concurrent rpcs": (["--max-concurrent-rpcs=0"], "--max-concurrent-rpcs=0"),
+    "shutdown timeout": (["--shutdown-timeout-seconds=-1"], "--shutdown-timeout-seconds=-1"),
+    "shutdown timeout not a number": (["--shutdown-timeout-seconds=soon"], "--shutdown-timeout-seconds=soon"),
 }
 
 

@@ -32,7 +32,7 @@ class Served:
 
     def close(self):
         self.channel.close()
-        self.server.shutdown(grace=0)
+        self.server.shutdown(timeout=0)
 
     def idle_and_empty(self, timeout=30.0) -> bool:
         """Waits (bounded) until no request runs and no page is held."""
