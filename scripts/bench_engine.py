@@ -41,15 +41,27 @@ def prefill_and_decode(llm, rng, repeats, quick):
         p = rand_ids(rng, n)
         llm.generate(p, SamplingParams(max_tokens=1))  # compile
         out[f"prefill_tok_s@{n}"] = n / median_time(lambda: llm.generate(p, SamplingParams(max_tokens=1)), repeats)
+    steps = 32 if quick else 128
     for b in (1, 16):
-        ps = [rand_ids(rng, 16) for _ in range(b)]
-        steps = 32 if quick else 128
-        long_sp, short_sp = SamplingParams(max_tokens=steps + 1, ignore_eos=True), SamplingParams(max_tokens=1)
-        llm.generate(ps, long_sp)
-        t_long = median_time(lambda: llm.generate(ps, long_sp), repeats)
-        t_short = median_time(lambda: llm.generate(ps, short_sp), repeats)
-        out[f"decode_tok_s@batch{b}"] = b * steps / max(t_long - t_short, 1e-9)
+        out[f"decode_tok_s@batch{b}"] = decode_rate(llm, [rand_ids(rng, 16) for _ in range(b)], steps, repeats)
+    # Long contexts: 16 rows of 512..2048 tokens (attention dominates), greedy and sampled.
+    long_ps = [rand_ids(rng, int(n)) for n in np.linspace(512, 2048, 16)]
+    out["decode_tok_s@batch16_ctx512-2048"] = decode_rate(llm, long_ps, 16, repeats)
+    sampled = dict(temperature=0.8, top_p=0.95, seed=1)
+    short = [rand_ids(rng, 16) for _ in range(16)]
+    out["decode_tok_s@batch16_sampled"] = decode_rate(llm, short, steps, repeats, **sampled)
     return out
+
+
+def decode_rate(llm, prompts, steps, repeats, **sampling) -> float:
+    """Decode tokens/s over `steps` steps for `prompts` together: (time of steps+1 tokens - time of 1 token),
+    so the prefill and the first token cancel out."""
+    long_sp = SamplingParams(max_tokens=steps + 1, ignore_eos=True, **sampling)
+    short_sp = SamplingParams(max_tokens=1, ignore_eos=True, **sampling)
+    llm.generate(prompts, long_sp)
+    t_long = median_time(lambda: llm.generate(prompts, long_sp), repeats)
+    t_short = median_time(lambda: llm.generate(prompts, short_sp), repeats)
+    return len(prompts) * steps / max(t_long - t_short, 1e-9)
 
 
 def ttft_cached_prefix(model_path, opts, rng, repeats):
@@ -125,9 +137,12 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--output", default=None)
     ap.add_argument("--only", default="", help="comma-separated: speed, mixed, prefix, zero-hit (default all)")
+    ap.add_argument("--quantization-encoding", default=None, help="float32 | bfloat16 | q8_0 (engine default)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     opts = dict(max_batch_size=16, max_num_batched_tokens=512, max_length=2304)
+    if args.quantization_encoding:
+        opts["quantization_encoding"] = args.quantization_encoding
     results = {}
     only = set(filter(None, args.only.split(","))) or {"speed", "mixed", "prefix", "zero-hit"}
     if "speed" in only:
