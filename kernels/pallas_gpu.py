@@ -19,8 +19,9 @@ Guards (an out-of-range read on a GPU can kill the CUDA context, i.e. the server
 checked before use and an id outside [0, P) reads page 0, the engine's null page; table columns and
 context lengths are clamped to the table's width. `_key_slots` holds the whole guard.
 
-Precision, every dot: float32 inputs run IEEE float32 (never TF32, unless allow_tf32=True); bfloat16
-inputs run bf16 x bf16 with float32 accumulation; P is cast to V's dtype for the PV dot.
+Precision, every dot (QK^T and PV): bfloat16 inputs run bf16 x bf16 with float32 accumulation (P is cast
+to bf16 for PV); float32 inputs run IEEE float32 by default (never TF32 silently): f32_dots="tf32x3"
+(three TF32 passes, ~float32 accuracy on tensor cores) or "tf32" (one pass, ~1e-3) only when asked.
 
 Why Triton and not Mosaic GPU: see WORKSPACE.md. Triton wants power-of-two tiles and dots with M >= 16,
 hence the padded rows; jnp's `//` and `%` do not lower (sign fix-ups), hence lax.div / lax.rem.
@@ -56,10 +57,17 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _dot_algorithm(dtype, allow_tf32: bool):
-    """The explicit precision of both dots (see the module docstring)."""
+F32_DOTS = {"ieee": lax.DotAlgorithmPreset.F32_F32_F32, "tf32x3": lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+            "tf32": lax.DotAlgorithmPreset.TF32_TF32_F32}
+
+
+def _dot_algorithm(dtype, f32_dots: str, interpret: bool):
+    """The explicit precision of both dots (see the module docstring). XLA on CPU has no TF32, so interpret
+    mode computes float32 dots in IEEE float32 whatever f32_dots asks."""
+    if f32_dots not in F32_DOTS:
+        raise ValueError(f"f32_dots={f32_dots!r} is not allowed; choose one of {', '.join(F32_DOTS)}")
     if dtype == jnp.float32:
-        return lax.DotAlgorithmPreset.TF32_TF32_F32 if allow_tf32 else lax.DotAlgorithmPreset.F32_F32_F32
+        return F32_DOTS["ieee" if interpret else f32_dots]
     if dtype == jnp.bfloat16:
         return lax.DotAlgorithmPreset.BF16_BF16_F32
     raise ValueError(f"dtype {jnp.dtype(dtype).name} is not supported; use float32 or bfloat16")
@@ -146,13 +154,13 @@ def _attention_kernel(work_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, 
 
 
 def _attention_call(work, page_table, q_tiles, k_pool, v_pool, *, scale, group_pad, block_k, num_splits,
-                    out_dtype, interpret, num_warps, num_stages, allow_tf32, debug):
+                    out_dtype, interpret, num_warps, num_stages, f32_dots, debug):
     """q_tiles [NB, Hkv, rows, D]. Returns o [NB, Hkv, splits, rows, D] in out_dtype (each split normalised
     on its own) and lse [NB, Hkv, splits, rows] f32, base 2 (MASK_VALUE where a split saw no key)."""
     NB, Hkv, rows, D = q_tiles.shape
     kernel = functools.partial(_attention_kernel, scale_log2=scale * LOG2E, group_pad=group_pad,
                                block_k=block_k, num_splits=num_splits,
-                               algorithm=_dot_algorithm(q_tiles.dtype, allow_tf32))
+                               algorithm=_dot_algorithm(q_tiles.dtype, f32_dots, interpret))
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     return pl.pallas_call(
         kernel,
@@ -188,18 +196,18 @@ def tiling(N: int, R: int, G: int, Hkv: int, W: int, S: int, *, block_q=None, ta
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "block_q", "target_rows", "num_splits",
-                                             "num_warps", "num_stages", "allow_tf32", "debug"))
+                                             "num_warps", "num_stages", "f32_dots", "debug"))
 def ragged_paged_attention(q_nhd, k_pool, v_pool, page_table, context_lens, query_start, *, scale,
                            interpret: bool = False, block_q: int | None = None, target_rows: int = 64,
                            num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                           allow_tf32: bool = False, debug: bool = False):
+                           f32_dots: str = "ieee", debug: bool = False):
     """Causal attention of a ragged token batch over one layer's pages (the contract of
     kernels.paged_attention.paged_attention). q_nhd [N, Hq, D] (sequences one after another, padding at the
     end); k_pool/v_pool [P, S, Hkv, D], Hq % Hkv == 0; page_table int32 [R, W]; context_lens int32 [R]
     (tokens in the pages including this step's); query_start int32 [R + 1]. Query t of sequence r sits at
     position context_lens[r] - q_len_r + t. Returns [N, Hq, D] in q's dtype, 0 for padding tokens.
     Tuning (static): block_q tokens per tile (None: from N / R), num_splits key splits (None: fill the GPU),
-    num_warps / num_stages (Triton); debug prints the kernel's jaxpr and Triton IR at lowering."""
+    num_warps / num_stages (Triton), f32_dots (float32 dot precision: ieee | tf32x3 | tf32); debug prints the kernel's jaxpr and Triton IR at lowering."""
     N, Hq, D = q_nhd.shape
     P, S, Hkv, Dk = k_pool.shape
     R, W = page_table.shape
@@ -217,7 +225,7 @@ def ragged_paged_attention(q_nhd, k_pool, v_pool, page_table, context_lens, quer
     o, lse = _attention_call(
         p.work, page_table.astype(jnp.int32), q_tiles, k_pool, v_pool, scale=scale, group_pad=group_pad,
         block_k=BLOCK_K, num_splits=splits, out_dtype=q_nhd.dtype if splits == 1 else jnp.float32,
-        interpret=interpret, num_warps=num_warps, num_stages=num_stages, allow_tf32=allow_tf32, debug=debug)
+        interpret=interpret, num_warps=num_warps, num_stages=num_stages, f32_dots=f32_dots, debug=debug)
     o = o[:, :, 0] if splits == 1 else rt.merge_splits(o, lse)
     return rt.untile(o, p, num_heads=Hq, group_pad=group_pad, dtype=q_nhd.dtype)
 

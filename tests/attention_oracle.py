@@ -7,6 +7,8 @@ sequence r sits at position context_lens[r] - q_len + t and sees keys at positio
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -14,21 +16,24 @@ import numpy as np
 
 
 def ragged_oracle(q, k, v, page_table, context_lens, query_start, scale):
-    """Plain float64 attention, one sequence, query and head at a time. Returns [N, Hq, D] float64."""
+    """Plain float64 attention, one sequence (and up to 64 of its queries) at a time: a masked softmax over
+    the keys at positions <= each query's. Returns [N, Hq, D] float64."""
     N, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
-    G = Hq // Hkv
     out = np.zeros((N, Hq, D))
     for r in range(len(context_lens)):
         start, end, ctx = int(query_start[r]), int(query_start[r + 1]), int(context_lens[r])
         pos = np.arange(ctx)
         keys, values = (x[page_table[r, pos // S], pos % S] for x in (k, v))       # [ctx, Hkv, D]
-        for t in range(end - start):
-            n = ctx - (end - start) + t + 1                                          # keys <= its position
-            for h in range(Hq):
-                s = keys[:n, h // G] @ q[start + t, h] * scale
-                w = np.exp(s - s.max())
-                out[start + t, h] = (w / w.sum()) @ values[:n, h // G]
+        for t0 in range(start, end, 64):
+            t1 = min(t0 + 64, end)
+            qs = q[t0:t1].reshape(t1 - t0, Hkv, Hq // Hkv, D)
+            s = np.einsum("tkgd,nkd->tkgn", qs, keys) * scale
+            q_pos = ctx - (end - start) + np.arange(t0 - start, t1 - start)         # each query's position
+            s = np.where((pos[None, :] <= q_pos[:, None])[:, None, None, :], s, -np.inf)
+            w = np.exp(s - s.max(axis=-1, keepdims=True))
+            w /= w.sum(axis=-1, keepdims=True)
+            out[t0:t1] = np.einsum("tkgn,nkd->tkgd", w, values).reshape(t1 - t0, Hq, D)
     return out
 
 
@@ -84,3 +89,17 @@ def make_case(seed, rows, *, Hq, Hkv, D, S, dtype="float32", N=None, R=None, W=N
     q[query_start[-1]:] = rng.uniform(-100, 100, q[query_start[-1]:].shape)
     q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
     return Case(q, k, v, jnp.asarray(page_table), jnp.asarray(ctx), jnp.asarray(query_start))
+
+
+def entry_point(backend: str, interpret: bool = False, **tuning):
+    """The function of the ragged contract for `backend` ('pallas' | 'reference'), called as
+    fn(q, k, v, page_table, context_lens, query_start, scale=...); tuning goes to the Pallas kernel. None
+    while kernels.paged_attention still takes the blocked contract and the backend has no ragged function
+    of its own (the jnp reference, until the lead's model change lands; then this is pa.paged_attention)."""
+    from kernels import paged_attention as pa
+    from kernels import pallas_gpu
+    if "query_start" in inspect.signature(pa.paged_attention).parameters and not tuning:
+        return functools.partial(pa.paged_attention, backend=backend, interpret=interpret)
+    if backend == "pallas":
+        return functools.partial(pallas_gpu.ragged_paged_attention, interpret=interpret, **tuning)
+    return None

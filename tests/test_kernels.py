@@ -25,22 +25,19 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from kernels import paged_attention as pa
 from kernels import pallas_gpu
-from tests.attention_oracle import Case, make_case
+from tests.attention_oracle import Case, entry_point, make_case
 
 TOLERANCE = {"float32": dict(atol=2e-5, rtol=2e-5), "bfloat16": dict(atol=3e-2, rtol=3e-2)}
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# The entry point moves to the ragged contract with the lead's model change; until then the Pallas kernel
-# is called directly and the jnp reference (which still takes the blocked contract) is skipped.
 ENTRY_IS_RAGGED = "query_start" in inspect.signature(pa.paged_attention).parameters
 
 
 def ragged_attention(backend: str, interpret: bool = False, **tuning):
-    """The backend's function of the ragged contract: (q, k, v, page_table, context_lens, query_start)."""
-    if ENTRY_IS_RAGGED and not tuning:
-        return functools.partial(pa.paged_attention, backend=backend, interpret=interpret)
-    if backend == "pallas":
-        return functools.partial(pallas_gpu.ragged_paged_attention, interpret=interpret, **tuning)
-    pytest.skip("kernels.paged_attention does not take the ragged contract yet (lead's change; remove at merge)")
+    """The backend's function of the ragged contract (see attention_oracle.entry_point)."""
+    fn = entry_point(backend, interpret, **tuning)
+    if fn is None:   # only until the merge with the lead's model change
+        pytest.skip("kernels.paged_attention does not take the ragged contract yet (lead's change)")
+    return fn
 
 
 @functools.lru_cache(maxsize=None)
@@ -141,6 +138,13 @@ class TestPallasInterpret(TestReference):
         rows = [(1, 1), (300, 1), (1100, 20), (700, 1), (5100, 3)]
         case = make_case(num_splits, rows, Hq=4, Hkv=2, D=16, S=64, W=80)
         self.check(case, num_splits=num_splits, block_q=block_q)
+
+    def test_float32_dot_options(self):
+        # tf32x3 keeps float32 accuracy (compiled; interpret mode computes IEEE float32 anyway).
+        case = make_case(6, [(300, 1), (40, 12)], Hq=4, Hkv=2, D=32, S=16)
+        self.check(case, f32_dots="tf32x3")
+        with pytest.raises(ValueError, match="f32_dots='fp32' is not allowed; choose one of ieee, tf32x3, tf32"):
+            self.attend(case, f32_dots="fp32")
 
     def test_out_of_range_page_ids_past_a_row_change_nothing(self):
         # Columns past each row's pages hold ids a GPU would fault on: past the pool, negative, huge.

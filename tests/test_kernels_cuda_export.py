@@ -142,7 +142,8 @@ def test_float32_dots_are_ieee_and_bfloat16_dots_accumulate_in_float32():
     assert len(dots) == 4
     assert all(re.search(r"xbf16> \* tensor<\d+x\d+xbf16> -> tensor<\d+x\d+xf32>", d) for d in dots)
     # TF32 only when asked for (and then visibly).
-    assert all("inputPrecision = tf32" in d for d in _dots(triton_ir(f32, allow_tf32=True)))
+    assert all("inputPrecision = tf32 " in d for d in _dots(triton_ir(f32, f32_dots="tf32")))
+    assert all("inputPrecision = tf32x3 " in d for d in _dots(triton_ir(f32, f32_dots="tf32x3")))
 
 
 def test_rejects_head_dims_triton_cannot_tile():
