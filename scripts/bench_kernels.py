@@ -51,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16,float32")
     p.add_argument("--max-length", type=int, default=8192, help="the engine's --max-length: table width")
     p.add_argument("--prefill-batch", type=_ints, default=[1, 4], help="rows of a prefill step")
+    p.add_argument("--prefill-context", type=_ints, default=None, help="prefill rows' tokens (default: --context)")
     p.add_argument("--prefill-tokens", type=int, default=512, help="chunk length of each prefill row")
     p.add_argument("--heads", default="9,3", help="query heads,KV heads (default: SmolLM2-135M)")
     p.add_argument("--head-dim", type=int, default=64)
@@ -141,7 +142,8 @@ def variants(args, backend):
 def configs(args):
     for kind in args.kinds.split(","):
         batches = args.batch if kind == "decode" else args.prefill_batch
-        for B, ctx, S in itertools.product(batches, args.context, args.page_size):
+        contexts = args.context if kind == "decode" else args.prefill_context or args.context
+        for B, ctx, S in itertools.product(batches, contexts, args.page_size):
             yield kind, B, ctx, (1 if kind == "decode" else min(args.prefill_tokens, ctx)), S
 
 
