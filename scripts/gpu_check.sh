@@ -49,10 +49,13 @@ stage() {
   python3 -m pip list 2>/dev/null | grep -iE '^(jax|triton|numpy|gguf|pytest)' ; } > "$OUT/env.txt" 2>&1
 
 # 1. The compiled kernel against the float64 oracle at test sizes: every failure reported (no -x), each
-#    test under a timeout where pytest-timeout is installed (it is on the GPU image).
-PER_TEST=(); python3 -c 'import pytest_timeout' 2>/dev/null && PER_TEST=(--timeout=90)
-stage kernel-tests 130 "$OUT/kernel_tests.log" python3 -m pytest -q -p no:cacheprovider -rfE "${PER_TEST[@]}" \
-  tests/test_kernels.py -k Compiled
+#    test under a timeout, 4 workers compiling in parallel (pytest-timeout and -xdist are on the GPU image;
+#    without preallocation, so 4 processes share the GPU).
+PYTEST_OPTS=()
+python3 -c 'import pytest_timeout' 2>/dev/null && PYTEST_OPTS+=(--timeout=90)
+python3 -c 'import xdist' 2>/dev/null && PYTEST_OPTS+=(-n 4)
+stage kernel-tests 130 "$OUT/kernel_tests.log" env XLA_PYTHON_CLIENT_PREALLOCATE=false \
+  python3 -m pytest -q -p no:cacheprovider -rfE "${PYTEST_OPTS[@]}" tests/test_kernels.py -k Compiled
 # 2. Realistic sizes: bf16/f32 vs float64 and the jnp reference, twice bitwise equal, a pool over 4 GiB.
 stage numerics 80 "$OUT/numerics.md" python3 scripts/gpu_numerics.py
 # 3. Speed inside one jitted 30-layer loop, engine-width tables, beside the measured copy and matmul rates.

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from kernels import paged_attention as pa
-from kernels import pallas_gpu
+from kernels import pallas_gpu, ragged_tiles
 from tests.attention_oracle import Case, entry_point, make_case
 
 TOLERANCE = {"float32": dict(atol=2e-5, rtol=2e-5), "bfloat16": dict(atol=3e-2, rtol=3e-2)}
@@ -136,7 +136,7 @@ class TestPallasInterpret(TestReference):
         # Rows of 0..40 key blocks of 128 split 1..8 ways (empty splits, uneven splits), tiles of 1..16
         # tokens (a chunk over several tiles, tiles of one decode token).
         rows = [(1, 1), (300, 1), (1100, 20), (700, 1), (5100, 3)]
-        case = make_case(num_splits, rows, Hq=4, Hkv=2, D=16, S=64, W=80)
+        case = make_case(num_splits, rows, Hq=16, Hkv=1, D=16, S=64, W=80)     # a group of 16: 1-token tiles
         self.check(case, num_splits=num_splits, block_q=block_q)
 
     def test_float32_dot_options(self):
@@ -280,6 +280,20 @@ def test_transitional_blocked_contract_matches_the_reference():
     want = jax.jit(functools.partial(paged_attention_reference, scale=0.25))(*args)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=2e-6)
     assert not np.asarray(got[2]).any()
+
+
+def test_plan_cuts_each_sequence_into_blocks():
+    # Rows of 1, 5, 0 and 3 tokens, 3 padding tokens, blocks of 4: 4 real blocks of the 6 the bound allows.
+    p = ragged_tiles.plan(jnp.asarray([0, 1, 6, 6, 9]), jnp.asarray([10, 5, 0, 20]), N=12, block_t=4)
+    work = np.asarray(p.work)
+    np.testing.assert_array_equal(work[ragged_tiles.ROW], [0, 1, 1, 3, 3, 3])
+    np.testing.assert_array_equal(work[ragged_tiles.NUM_TOKENS], [1, 4, 1, 3, 0, 0])
+    np.testing.assert_array_equal(work[ragged_tiles.FIRST_POS, :4], [9, 0, 4, 17])
+    np.testing.assert_array_equal(work[ragged_tiles.CONTEXT, :4], [10, 5, 5, 20])
+    np.testing.assert_array_equal(p.first_token[:4], [0, 1, 5, 6])
+    np.testing.assert_array_equal(p.token_block[:9], [0, 1, 1, 1, 1, 2, 3, 3, 3])
+    np.testing.assert_array_equal(p.token_slot[:9], [0, 0, 1, 2, 3, 0, 0, 1, 2])
+    np.testing.assert_array_equal(p.token_valid, [True] * 9 + [False] * 3)
 
 
 def test_resolve_backend():
