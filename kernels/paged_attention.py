@@ -30,6 +30,6 @@ def paged_attention(q_nhd, k_pool, v_pool, page_table, context_lens, query_start
         return paged_attention_reference(q_nhd, k_pool, v_pool, page_table, context_lens, query_start,
                                          scale=scale)
     if backend == "pallas":
-        return pallas_gpu.paged_attention(q_nhd, k_pool, v_pool, page_table, context_lens, query_start,
-                                          scale=scale, interpret=interpret)
+        return pallas_gpu.ragged_paged_attention(q_nhd, k_pool, v_pool, page_table, context_lens, query_start,
+                                                 scale=scale, interpret=interpret)
     raise ValueError(f"unknown resolved attention backend {backend!r}")
