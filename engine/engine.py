@@ -213,7 +213,7 @@ class LLMEngine:
                                    "request was failed")
         except Exception as fatal:
             log.exception("engine recovery failed")
-            self._die(f"recovery after a failed step failed: {describe(fatal)}")
+            self._die(f"no recovery after a failed step: {describe(fatal)}")
 
     def _die(self, reason: str) -> None:
         """The engine cannot go on: every request in flight ends UNAVAILABLE, every new one is refused."""
