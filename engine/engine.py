@@ -53,6 +53,7 @@ class LLMEngine:
         self._running = False
         self._stopped = threading.Event()            # dead or shut down
         self._step_failures = self._consecutive_failures = 0
+        self._in_flight = None                       # (output, launched, pending) of the step not yet booked
         self._rng = np.random.default_rng(self.config.seed)
         self._published = self._read_stats()
         self.warmup_seconds = 0.0
@@ -163,26 +164,42 @@ class LLMEngine:
             self._published = self._read_stats()
 
     def _step(self) -> int:
+        """Schedules and launches step k, then books step k-1 (whose tokens the device is handing to step k)
+        while k runs: the host work of a step hides behind the next one (vLLM's async scheduling, SGLang's
+        overlap scheduler). With async_scheduling off, each step is booked before the next is scheduled."""
         self._drain_inbox()
         output = self.scheduler.schedule()
         rows = len(output.decodes) + len(output.prefills)
-        sampled = self.runner.execute(output) if rows else {}
-        if not rows and not output.finished:
-            return 0
-        finished = {s.request_id for s in self.scheduler.update(output, sampled)}
-        for rid in list(sampled) + [r for r in finished if r not in sampled]:
-            state = self.inbox.states[rid]
-            if state.absorb():  # a stop string appeared: it wins over EOS and length
-                if rid in finished:
-                    state.seq.finish_reason = FinishReason.STOP
-                else:
-                    self.scheduler.finish(state.seq, FinishReason.STOP)
-                    finished.add(rid)
-            if rid in finished:
+        current = None
+        if rows:
+            launched = self.runner.execute(output)
+            current = (output, launched, self.scheduler.advance(output))
+        elif output.finished:
+            current = (output, None, [])
+        previous, self._in_flight = self._in_flight, current
+        if previous is not None:
+            self._complete(*previous)
+        if current is not None and (not self.config.async_scheduling or not rows):
+            self._in_flight = None
+            self._complete(*current)
+        return rows or int(previous is not None)
+
+    def _complete(self, output, launched, pending) -> None:
+        """Books a launched step's tokens and streams what they add (stop strings win over EOS and length)."""
+        sampled = launched.sampled() if launched is not None else {}
+        finished = self.scheduler.complete(output, pending, sampled)
+        ended = {id(s) for s in finished}
+        for seq in [s for s, _ in pending if id(s) not in ended] + finished:
+            state = self.inbox.states.get(seq.request_id)
+            if state is None or state.seq is not seq or seq.finish_reason is FinishReason.ABORT:
+                continue    # aborted while its step was in flight (its last message is already out)
+            if state.absorb():
+                self.scheduler.stop(seq)
+                ended.add(id(seq))
+            if id(seq) in ended:
                 self._finish(state)
             elif (out := state.output(finished=False)) is not None:
                 state.stream.put(out)
-        return rows
 
     def _finish(self, state: RequestState) -> None:
         self.inbox.finished(state)
@@ -190,6 +207,7 @@ class LLMEngine:
 
     # --- faults ---
     def _on_step_failure(self, e: Exception) -> None:
+        self._in_flight = None   # its requests are failed below; its tokens are never read
         self._step_failures += 1
         self._consecutive_failures += 1
         log.error("engine step failed (%d in a row); failing every admitted request", self._consecutive_failures,

@@ -24,8 +24,8 @@ ENGINE_FLAGS = (
                                  "per sequence."),
     ("enable-prefix-caching", "bool", "Reuse the KV pages of earlier requests that share a prefix (needs paged)."),
     ("kv-cache-page-size", "integer", "Tokens per KV page; a positive multiple of 16."),
-    ("quantization-encoding", "string", f"Compute dtype: {' | '.join(DTYPES)}. Default: float32 on CPU, "
-                                        "bfloat16 on GPU."),
+    ("quantization-encoding", "string", f"Weights: {' | '.join(DTYPES)} (q8_0: int8 kept in memory). Default: "
+                                        "float32 on CPU, bfloat16 on GPU."),
     ("max-batch-size", "integer", "Most sequences decoded in one step."),
     ("max-length", "integer", "Longest sequence (prompt + completion). Default: min(model context, 4096)."),
     ("max-num-batched-tokens", "integer", "Token budget of one step (prefill chunks + decodes)."),
@@ -34,6 +34,8 @@ ENGINE_FLAGS = (
     ("attention-backend", "string", f"{' | '.join(ATTENTION_BACKENDS)}; pallas on CPU runs in interpret mode."),
     ("max-waiting-requests", "integer", "Queued requests beyond which Generate answers RESOURCE_EXHAUSTED."),
     ("seed", "integer", "Seed for requests that set none."),
+    ("async-scheduling", "bool", "Schedule step N+1 while step N runs on the device (its host work hidden behind "
+                                 "the device); --noasync-scheduling books each step before the next."),
     ("max-stop-strings", "integer", "Most stop strings one request may give (more: INVALID_ARGUMENT)."),
     ("max-stop-string-length", "integer", "Longest stop string, in characters (longer: INVALID_ARGUMENT)."),
     ("max-prompt-bytes", "integer", "Largest prompt text (or chat messages), in UTF-8 bytes, refused before it is "

@@ -33,7 +33,7 @@ def fault_output(state: RequestState, error: RequestError) -> RequestOutput:
     """The last message of an admitted request ended by a fault (the detokenizer is not touched: it may be
     what broke)."""
     seq = state.seq
-    return RequestOutput(seq.request_id, (), "", FinishReason.ABORT, seq.prompt_len, seq.num_output_tokens,
+    return RequestOutput(seq.request_id, (), "", FinishReason.ABORT, seq.prompt_len, len(seq.output_token_ids),
                          seq.cached_prompt_tokens, error)
 
 

@@ -55,5 +55,5 @@ class RequestState:
         return RequestOutput(
             request_id=self.seq.request_id, new_token_ids=new_tokens, text=delta,
             finish_reason=self.seq.finish_reason if finished else None,
-            prompt_tokens=self.seq.prompt_len, completion_tokens=self.seq.num_output_tokens,
+            prompt_tokens=self.seq.prompt_len, completion_tokens=len(self.seq.output_token_ids),
             cached_prompt_tokens=self.seq.cached_prompt_tokens)

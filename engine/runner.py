@@ -21,6 +21,7 @@ from engine.config import ModelConfig
 from engine.device_params import FusedShapes, param_bytes, to_device_params
 from engine.model import ModelSpec, StepInputs, forward
 from engine.sampling import SamplingInputs, sample
+from engine.sequence import PLACEHOLDER
 from engine.sharding import AXIS, Layout, check_param_shapes, param_shapes
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,20 @@ class Buckets:
 
     def all_shapes(self) -> list[tuple[int, int]]:
         return [(n, self.rows(n)) for n in self.tokens]
+
+
+@dataclass(frozen=True)
+class Launched:
+    """A step on its way: the device array of sampled tokens [max_rows], and which row each sampling
+    request is (the next step reads a placeholder's token from that row on the device)."""
+    rows: tuple
+    tokens: jax.Array
+    row_of: dict
+
+    def sampled(self) -> dict[str, int]:
+        """{request_id: sampled token}; blocks until the step has run."""
+        tokens = np.asarray(self.tokens)
+        return {r.seq.request_id: int(tokens[i]) for i, r in enumerate(self.rows) if r.samples}
 
 
 @dataclass(frozen=True)
@@ -104,10 +119,12 @@ class ModelRunner:
         self._zeros = jax.jit(lambda: tuple(jnp.zeros(shape, self.dtype) for _ in range(c.num_layers)),
                               out_shardings=pools)
         self.k_pools, self.v_pools = self._zeros(), self._zeros()
+        self._no_tokens = jax.device_put(np.zeros(buckets.max_rows, np.int32), rep)
+        self._last: Launched | None = None     # the step launched last (its tokens feed placeholders)
         # Donating the pools lets XLA scatter new K/V into the same buffers instead of copying all pages;
         # pinning their in/out shardings to the same spec keeps every step's donation valid (no reshard).
         psh = jax.tree.map(lambda a: a.sharding, self.params)
-        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2), in_shardings=(psh, pools, pools, rep, rep),
+        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2), in_shardings=(psh, pools, pools, rep, rep, rep, rep),
                              out_shardings=(rep, pools, pools))
         self._logits = jax.jit(self._logits_fn, donate_argnums=(1, 2), in_shardings=(psh, pools, pools, rep),
                                out_shardings=(rep, pools, pools))
@@ -122,10 +139,15 @@ class ModelRunner:
         log.info("compiling step for N=%d R=%d W=%d (compilation #%d)", N, R, inputs.page_table.shape[1],
                  self.num_compilations)
 
-    def _step_fn(self, params, k_pools, v_pools, inputs, sampling: SamplingInputs):
+    def _step_fn(self, params, k_pools, v_pools, inputs, sampling: SamplingInputs, prev_tokens, prev_row):
+        """prev_tokens [max_rows]: the previous step's sampled tokens, still on the device; prev_row [N]: for
+        a token that is a placeholder, the row of prev_tokens holding it (-1 elsewhere)."""
         self._count(inputs)
-        logits, k_pools, v_pools = forward(self.spec, params, k_pools, v_pools, inputs)
-        return sample(logits, sampling), k_pools, v_pools
+        tokens = jnp.where(prev_row >= 0, prev_tokens[jnp.maximum(prev_row, 0)], inputs.tokens)
+        logits, k_pools, v_pools = forward(self.spec, params, k_pools, v_pools, inputs._replace(tokens=tokens))
+        sampled = sample(logits, sampling)
+        # Always [max_rows]: the next step takes it as an input whatever its own bucket.
+        return jnp.zeros(self.buckets.max_rows, jnp.int32).at[:sampled.shape[0]].set(sampled), k_pools, v_pools
 
     def _logits_fn(self, params, k_pools, v_pools, inputs):
         return forward(self.spec, params, k_pools, v_pools, inputs, all_logits=True)
@@ -167,11 +189,26 @@ class ModelRunner:
             raise RuntimeError(f"{len(rows)} sequences in a step exceed the {R} rows of bucket N={N}")
         return N, R
 
-    def dispatch(self, rows: list[Row]) -> jax.Array:
-        """Launches the step for `rows` without waiting; returns the device array of sampled tokens [R]."""
+    def _placeholder_rows(self, rows: list[Row], inputs: StepInputs) -> np.ndarray:
+        """prev_row for `rows`: where a token is a PLACEHOLDER, the row of the last launched step that samples it."""
+        prev_row = np.full(inputs.tokens.shape, -1, np.int32)
+        for i in np.flatnonzero(inputs.tokens == PLACEHOLDER):
+            rid = rows[int(np.searchsorted(inputs.query_start, i, side="right")) - 1].seq.request_id
+            if self._last is None or rid not in self._last.row_of:
+                raise RuntimeError(f"{rid!r}: a token still being sampled is not in the step launched last")
+            prev_row[i] = self._last.row_of[rid]
+        return prev_row
+
+    def dispatch(self, rows: list[Row]) -> Launched:
+        """Launches the step for `rows` without waiting for it (or for the step before, whose tokens the
+        device hands over to this one's placeholders)."""
         inputs, sampling = self.pack(rows, *self.shape_for(rows))
-        tokens, self.k_pools, self.v_pools = self._step(self.params, self.k_pools, self.v_pools, inputs, sampling)
-        return tokens
+        prev_row = self._placeholder_rows(rows, inputs)
+        prev = self._last.tokens if self._last is not None else self._no_tokens
+        tokens, self.k_pools, self.v_pools = self._step(self.params, self.k_pools, self.v_pools, inputs, sampling,
+                                                        prev, prev_row)
+        self._last = Launched(tuple(rows), tokens, {r.seq.request_id: i for i, r in enumerate(rows) if r.samples})
+        return self._last
 
     def logits_rows(self, rows: list[Row], T: int) -> np.ndarray:
         """Test/debug path: float32 logits [len(rows), T, V] of every token of each row (no sampling)."""
@@ -191,16 +228,15 @@ class ModelRunner:
                  for ch in output.prefills]
         return rows
 
-    def execute(self, output) -> dict[str, int]:
-        """Runs a SchedulerOutput as ONE device call; returns {request_id: sampled token} for decodes and
-        final prefill chunks."""
-        rows = self.rows_of(output)
-        tokens = np.asarray(self.dispatch(rows))
-        return {r.seq.request_id: int(tok) for r, tok in zip(rows, tokens) if r.samples}
+    def execute(self, output) -> Launched:
+        """Launches a SchedulerOutput as ONE device call, without waiting; `.sampled()` on the result gives
+        {request_id: sampled token} for decodes and final prefill chunks."""
+        return self.dispatch(self.rows_of(output))
 
     def recover(self) -> bool:
         """After a failed step: if the donated KV pools were consumed, allocate fresh (zero) ones.
         Returns True when that happened (every cached block is then gone)."""
+        self._last = None
         if not any(a.is_deleted() for a in (*self.k_pools, *self.v_pools)):
             return False
         self.k_pools, self.v_pools = self._zeros(), self._zeros()
@@ -211,7 +247,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         for N, R in shapes if shapes is not None else self.buckets.all_shapes():
             inputs, sampling = self.pack([], N, R)
-            _, self.k_pools, self.v_pools = self._step(self.params, self.k_pools, self.v_pools, inputs, sampling)
+            _, self.k_pools, self.v_pools = self._step(self.params, self.k_pools, self.v_pools, inputs, sampling,
+                                                       self._no_tokens, np.full(N, -1, np.int32))
         jax.block_until_ready(self.k_pools)
         if shapes is None:
             self.warm = True

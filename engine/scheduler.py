@@ -6,9 +6,12 @@ Each step `schedule()` builds one SchedulerOutput under a token budget, in this 
   3. waiting sequences are admitted first come, first served while the batch and the pages allow.
 When a running sequence cannot get a page, the newest running sequence not yet scheduled this step is
 preempted (pages freed, back to the front of the waiting queue; it recomputes later, helped by the prefix
-cache) and the page is retried. The runner then runs the batch and `update()` books its sampled tokens.
+cache) and the page is retried. The runner launches the batch; `advance()` books it at once (placeholders
+for the tokens being sampled, so the next step can be scheduled while it runs) and `complete()` books its
+sampled tokens when they are back (`update()` = both, for callers that wait).
 
-Invariants: running sequences hold pages, waiting and finished ones hold none; running is ordered by
+Invariants: running sequences hold pages, waiting and finished ones hold none (except, until their step
+completes, sequences ended with LENGTH by `advance`); running is ordered by
 admission (oldest first), waiting is FCFS with preempted sequences in front.
 """
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager, pages_for
 from engine.request import FinishReason, QueueFullError
-from engine.sequence import Sequence, SequenceStatus
+from engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._retired: dict[Sequence, int] = {}    # ended with LENGTH, pages kept until complete() (see _retire)
         self.num_preemptions = 0
 
     @property
@@ -122,30 +126,89 @@ class Scheduler:
                                tuple(step.finished))
 
     def update(self, output: SchedulerOutput, sampled: Mapping[str, int]) -> list[Sequence]:
-        """Book a step the runner ran: advance num_computed_tokens, append the sampled tokens (keyed by
-        request_id; decodes and chunks that reached the end), register newly full blocks in the prefix
-        cache, and finish sequences. Returns the sequences finished in this step, output.finished first.
-        Sequences aborted since schedule() are skipped. Call it for every output, even an empty one."""
-        finished = list(output.finished)
+        """Book a step whose tokens are known: `advance` then `complete` (the synchronous path)."""
+        return self.complete(output, self.advance(output), sampled)
+
+    def advance(self, output: SchedulerOutput) -> list[tuple[Sequence, int]]:
+        """Book a step the runner has launched, before its tokens are back (so the next step can be
+        scheduled while this one runs): advance num_computed_tokens and put a PLACEHOLDER where each
+        sampling row's token will go. A sequence that reaches max_tokens / --max-length with that token ends
+        now (LENGTH: pages freed, never scheduled again; in-order device execution makes reusing them
+        safe); `complete` reports it once its token is known. Returns (sequence, index) of every
+        placeholder. Sequences aborted since schedule() are skipped."""
+        pending = []
         steps = [(seq, seq.num_tokens, True) for seq in output.decodes]
         steps += [(c.seq, c.start + c.num_tokens, c.samples) for c in output.prefills]
         for seq, computed, samples in steps:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             seq.num_computed_tokens = computed
-            self.block_manager.commit(seq)
             if samples:
-                seq.token_ids.append(sampled[seq.request_id])
-                reason = self._stop_reason(seq)
-                if reason is not None:
-                    self.finish(seq, reason)
-                    finished.append(seq)
+                pending.append((seq, seq.num_tokens))
+                seq.token_ids.append(PLACEHOLDER)
+                if seq.num_output_tokens >= seq.sampling.max_tokens or seq.num_tokens >= self.max_length:
+                    self._retire(seq)
+        return pending
+
+    def _retire(self, seq: Sequence) -> None:
+        """Ends seq with LENGTH at its last token, which is still being sampled: never scheduled again, but its
+        pages are kept until `complete` has registered its full blocks (their last token may be unknown yet)."""
+        self.running.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = FinishReason.LENGTH
+        self._retired[seq] = seq.num_tokens - 1       # the index of that last token
+
+    def complete(self, output: SchedulerOutput, pending: list[tuple[Sequence, int]],
+                 sampled: Mapping[str, int]) -> list[Sequence]:
+        """The step's tokens are back: fill the placeholders (keyed by request_id), register newly full
+        blocks in the prefix cache, stop on EOS. Returns the sequences that end with this step: output.finished
+        first, then EOS stops and the LENGTH ends `advance` made. A sequence that ended meanwhile (aborted,
+        or stopped at an earlier token) drops its token; one preempted meanwhile keeps it (it was sampled
+        from a complete forward)."""
+        finished = list(output.finished)
+        for seq, index in pending:
+            if seq.is_finished and seq not in self._retired:
+                continue                   # ended meanwhile (abort, an earlier stop): this token is dropped
+            seq.token_ids[index] = sampled[seq.request_id]   # an EOS id stays (the detokenizer hides it)
+            eos = not seq.sampling.ignore_eos and seq.token_ids[index] in self.eos_token_ids
+            if self._retired.get(seq) == index:       # its last token (ended on length): EOS wins
+                del self._retired[seq]
+                self.block_manager.commit(seq)
+                self.block_manager.free(seq)
+                if eos:
+                    seq.finish_reason = FinishReason.STOP
+                finished.append(seq)
+            elif eos:
+                self.finish(seq, FinishReason.STOP)
+                finished.append(seq)
+        for seq in {*output.decodes, *(c.seq for c in output.prefills)}:
+            if seq.status is SequenceStatus.RUNNING:   # every token its computed blocks hold is known now
+                self.block_manager.commit(seq)
         return finished
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        """End a waiting or running sequence: its pages are freed at once. No-op if already finished."""
-        if seq.is_finished:
+        """End a waiting or running sequence: its pages are freed at once, and a token still being sampled
+        for it is dropped (so nothing past a stop reaches the client). No-op if already finished."""
+        if seq in self._retired:     # ended on length at a token still on the way: it ends here instead
+            del self._retired[seq]
+            self.block_manager.free(seq)
+            seq.finish_reason = reason
+        elif seq.is_finished:
             return
+        else:
+            self._end(seq, reason)
+        while seq.token_ids and seq.token_ids[-1] == PLACEHOLDER:
+            seq.token_ids.pop()
+
+    def stop(self, seq: Sequence) -> None:
+        """A stop string ended seq at its last known token: finish it (STOP), or relabel an end it already
+        had at that token."""
+        if seq.is_finished and seq not in self._retired:
+            seq.finish_reason = FinishReason.STOP
+        else:
+            self.finish(seq, FinishReason.STOP)
+
+    def _end(self, seq: Sequence, reason: FinishReason) -> None:
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -163,14 +226,6 @@ class Scheduler:
         return None
 
     # ---- internals ------------------------------------------------------------------------------
-    def _stop_reason(self, seq: Sequence) -> FinishReason | None:
-        """EOS stops unless ignore_eos; the EOS id stays in token_ids (the detokenizer hides it)."""
-        if not seq.sampling.ignore_eos and seq.token_ids[-1] in self.eos_token_ids:
-            return FinishReason.STOP
-        if seq.num_output_tokens >= seq.sampling.max_tokens or seq.num_tokens >= self.max_length:
-            return FinishReason.LENGTH
-        return None
-
     def _prefill_room(self, step: _Step) -> bool:
         return step.budget > 0 and len(step.prefills) < self.max_prefill_seqs
 

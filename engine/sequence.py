@@ -6,6 +6,11 @@ import enum
 from engine.request import FinishReason, Request
 
 
+# Stands in token_ids for a token a launched step is still sampling (async scheduling: the next step is
+# scheduled before this one's tokens are back; the device feeds the real token to it).
+PLACEHOLDER = -1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -44,10 +49,13 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len:]
+        """Output tokens known so far (a token still being sampled is not one yet)."""
+        end = len(self.token_ids) - (1 if self.token_ids and self.token_ids[-1] == PLACEHOLDER else 0)
+        return self.token_ids[self.prompt_len:end]
 
     @property
     def num_output_tokens(self) -> int:
+        """Output tokens including one still being sampled (what max_tokens counts)."""
         return len(self.token_ids) - self.prompt_len
 
     @property
