@@ -207,7 +207,8 @@ def ragged_paged_attention(q_nhd, k_pool, v_pool, page_table, context_lens, quer
     (tokens in the pages including this step's); query_start int32 [R + 1]. Query t of sequence r sits at
     position context_lens[r] - q_len_r + t. Returns [N, Hq, D] in q's dtype, 0 for padding tokens.
     Tuning (static): block_q tokens per tile (None: from N / R), num_splits key splits (None: fill the GPU),
-    num_warps / num_stages (Triton), f32_dots (float32 dot precision: ieee | tf32x3 | tf32); debug prints the kernel's jaxpr and Triton IR at lowering."""
+    num_warps / num_stages (Triton), f32_dots (float32 dot precision: ieee | tf32x3 | tf32); debug prints
+    the kernel's jaxpr and Triton IR at lowering."""
     N, Hq, D = q_nhd.shape
     P, S, Hkv, Dk = k_pool.shape
     R, W = page_table.shape

@@ -52,10 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=8192, help="the engine's --max-length: table width")
     p.add_argument("--prefill-batch", type=_ints, default=[1, 4], help="rows of a prefill step")
     p.add_argument("--prefill-context", type=_ints, default=None, help="prefill rows' tokens (default: --context)")
-    p.add_argument("--prefill-tokens", type=int, default=512, help="chunk length of each prefill row")
+    p.add_argument("--prefill-tokens", type=int, default=512, help="chunk length of prefill / mixed rows")
     p.add_argument("--heads", default="9,3", help="query heads,KV heads (default: SmolLM2-135M)")
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--kinds", default="decode,prefill")
+    p.add_argument("--kinds", default="decode,prefill,mixed", help="mixed: --batch decodes + one chunk")
     p.add_argument("--backends", default="reference,pallas")
     p.add_argument("--layers", type=int, default=30, help="layers in the timed jitted loop")
     p.add_argument("--pool-budget-gb", type=float, default=24.0, help="memory for distinct per-layer pools")
@@ -94,18 +94,17 @@ def device_ceilings(dtype, iters: int) -> tuple[float, float]:
     return 2 * x.nbytes / copy_s / 1e9, 2 * n ** 3 / matmul_s / 1e12
 
 
-def make_step(B, ctx, q_len, S, Hq, Hkv, D, max_length, dtype, seed=0):
-    """A ragged step of B rows, each with `ctx` tokens in its pages and its last `q_len` as this step's
-    queries, on shuffled pages in an engine-width table. Returns (q, page_table, context_lens, query_start),
-    the pages one layer needs, and a pool factory."""
+def make_step(q_lens, ctx, S, Hq, Hkv, D, max_length, dtype, seed=0):
+    """A ragged step of len(q_lens) rows, each with `ctx` tokens in its pages and its last q_lens[r] as this
+    step's queries, on shuffled pages in an engine-width table. Returns q, (page_table, context_lens,
+    query_start), the pages one layer needs, and a pool factory."""
     rng = np.random.default_rng(seed)
-    W = -(-max_length // S)
-    used = -(-ctx // S)
+    B, W, used = len(q_lens), -(-max_length // S), -(-ctx // S)
     P = B * used + 1
     table = np.zeros((B, W), np.int32)
     table[:, :used] = rng.permutation(np.arange(1, P)).reshape(B, used)
-    q = jax.random.normal(jax.random.key(seed), (B * q_len, Hq, D), dtype)
-    query_start = np.arange(B + 1, dtype=np.int32) * q_len
+    query_start = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    q = jax.random.normal(jax.random.key(seed), (int(query_start[-1]), Hq, D), dtype)
     meta = (jnp.asarray(table), jnp.full((B,), ctx, jnp.int32), jnp.asarray(query_start))
 
     def pool(i):
@@ -124,10 +123,10 @@ def layer_loop(attend, layers: int):
     return jax.jit(run)
 
 
-def work(kind, B, ctx, q_len, Hq, Hkv, D, itemsize) -> tuple[float, float]:
+def work(q_lens, ctx, Hq, Hkv, D, itemsize) -> tuple[float, float]:
     """(bytes of K/V the rows must read, flops): every visible key once; 4*D flops per (query head, key)."""
-    visible = B * sum(ctx - q_len + t + 1 for t in range(q_len))
-    return 2.0 * B * ctx * Hkv * D * itemsize, 4.0 * Hq * D * visible
+    visible = sum(ctx - q + t + 1 for q in q_lens for t in range(q))
+    return 2.0 * len(q_lens) * ctx * Hkv * D * itemsize, 4.0 * Hq * D * visible
 
 
 def variants(args, backend):
@@ -140,11 +139,15 @@ def variants(args, backend):
 
 
 def configs(args):
+    """(kind, rows' query lengths, context, page size): decode rows; prefill rows of one chunk each; mixed:
+    B decode rows plus one chunk (the chunk is the last row)."""
+    T = args.prefill_tokens
     for kind in args.kinds.split(","):
-        batches = args.batch if kind == "decode" else args.prefill_batch
-        contexts = args.context if kind == "decode" else args.prefill_context or args.context
+        batches = args.prefill_batch if kind == "prefill" else args.batch
+        contexts = args.prefill_context or args.context if kind == "prefill" else args.context
         for B, ctx, S in itertools.product(batches, contexts, args.page_size):
-            yield kind, B, ctx, (1 if kind == "decode" else min(args.prefill_tokens, ctx)), S
+            q_lens = {"decode": [1] * B, "prefill": [min(T, ctx)] * B, "mixed": [1] * B + [min(T, ctx)]}[kind]
+            yield kind, q_lens, ctx, S
 
 
 def run(args):
@@ -153,18 +156,18 @@ def run(args):
     D = args.head_dim
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; heads "
           f"{Hq}/{Hkv}, head dim {D}; table width = {args.max_length} tokens; {args.layers}-layer jitted loop\n")
-    rows = ["| kind | backend | tuning | dtype | batch | context | q/row | page | pools | us/layer | GB/s "
+    rows = ["| kind | backend | tuning | dtype | rows | context | longest q | page | pools | us/layer | GB/s "
             "| % of copy | TFLOP/s | % of matmul |", "|" + "---|" * 14]
     for dtype_name in args.dtype.split(","):
         dtype = jnp.dtype(dtype_name)
         copy_gbs, matmul_tflops = device_ceilings(dtype, args.iters)
         print(f"{dtype_name} ceilings: copy {copy_gbs:.1f} GB/s, matmul {matmul_tflops:.2f} TFLOP/s", flush=True)
-        for kind, B, ctx, q_len, S in configs(args):
-            q, meta, P, pool = make_step(B, ctx, q_len, S, Hq, Hkv, D, args.max_length, dtype)
+        for kind, q_lens, ctx, S in configs(args):
+            q, meta, P, pool = make_step(q_lens, ctx, S, Hq, Hkv, D, args.max_length, dtype)
             layer_bytes = 2 * P * S * Hkv * D * dtype.itemsize
             n_pools = max(1, min(args.layers, int(args.pool_budget_gb * 1e9 // layer_bytes)))
             pools = [(pool(2 * i), pool(2 * i + 1)) for i in range(n_pools)]
-            nbytes, flops = work(kind, B, ctx, q_len, Hq, Hkv, D, dtype.itemsize)
+            nbytes, flops = work(q_lens, ctx, Hq, Hkv, D, dtype.itemsize)
             for backend in args.backends.split(","):
                 if backend == "pallas" and on_cpu and not args.include_interpret:
                     continue
@@ -177,7 +180,8 @@ def run(args):
                     secs = time_call(loop, q, pools, meta, iters=args.iters) / args.layers
                     gbs, tflops = nbytes / secs / 1e9, flops / secs / 1e12
                     name = "pallas (interpret)" if backend == "pallas" and on_cpu else backend
-                    rows.append(f"| {kind} | {name} | {label or '-'} | {dtype_name} | {B} | {ctx} | {q_len} | {S} "
+                    rows.append(f"| {kind} | {name} | {label or '-'} | {dtype_name} | {len(q_lens)} | {ctx} "
+                                f"| {max(q_lens)} | {S} "
                                 f"| {n_pools} | {secs * 1e6:.1f} | {gbs:.1f} | {100 * gbs / copy_gbs:.0f} "
                                 f"| {tflops:.3f} | {100 * tflops / matmul_tflops:.1f} |")
                     print(rows[-1], flush=True)

@@ -1,6 +1,7 @@
-"""The whole engine on a GPU, through the public offline API only (`from engine import LLM, SamplingParams`):
-one stage per process (scripts/gpu_check.sh runs each under its own timeout), each appending JSON lines
-to --results, so a stage that fails or hangs loses nothing of the others.
+"""The whole engine on a GPU through the offline API (`from engine import LLM, SamplingParams`; warmup also
+calls `llm.engine.warmup()`, as the server does before SERVING): one stage per process (gpu_check.sh runs
+each under its own timeout), each appending JSON lines to --results, so a stage that fails or hangs loses
+nothing of the others.
 
   write-model  a SmolLM2-shaped random GGUF (30 layers, d 576, 9/3 heads of 64, FFN 1536, vocab 49,152,
                float32 tensors): the real 98 MB model does not travel with the check
@@ -142,8 +143,9 @@ def warmup(args) -> None:
     """Every bucket compiled once, as the server does before SERVING, into a fresh (cold) XLA cache."""
     from engine import LLM
     start = time.perf_counter()
-    llm = LLM(args.model, devices=args.devices, quantization_encoding="bfloat16", max_batch_size=max(args.batches), max_length=4096,
-              max_num_batched_tokens=512, kv_cache_page_size=PAGE, kv_cache_pages=4096)
+    llm = LLM(args.model, devices=args.devices, quantization_encoding="bfloat16",
+              max_batch_size=max(args.batches), max_length=4096, max_num_batched_tokens=512,
+              kv_cache_page_size=PAGE, kv_cache_pages=4096)
     loaded = time.perf_counter() - start
     seconds = llm.engine.warmup()
     compiled = getattr(llm.engine.stats(), "num_compilations", None)
