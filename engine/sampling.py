@@ -61,28 +61,26 @@ def _from_order_key(key):
 DIGIT_BITS = 11  # a histogram of 2,048 buckets a pass; three passes fix all 32 bits of the order key
 
 
-def _radix_select(keys_bv, weights_bvw, targets_bw):
-    """The smallest uint32 t with sum(weights[keys <= t]) > target in every column, one histogram pass per
-    DIGIT_BITS digit. keys [B, V] uint32, weights [B, V, W] float32 (>= 0), targets [B, W] float32 -> [B]."""
-    B, V, W = weights_bvw.shape
+def _radix_select(keys_bv, weights_bv, target_b):
+    """The smallest uint32 t with sum(weights[keys <= t]) > target, one histogram pass per DIGIT_BITS digit.
+    keys [B, V] uint32, weights [B, V] float32 (>= 0), target [B] float32 -> t [B] uint32."""
+    B, V = keys_bv.shape
     n = 1 << DIGIT_BITS
     rows = n * jnp.arange(B, dtype=jnp.int32)[:, None]
 
     def digit_pass(i, state):
         prefix, below = state                       # the digits decided so far; the weight of keys under them
-        shift = (2 - i).astype(jnp.uint32) * DIGIT_BITS
-        high = keys_bv >> shift
+        high = keys_bv >> ((2 - i).astype(jnp.uint32) * DIGIT_BITS)
         in_play = (high >> DIGIT_BITS) == prefix[:, None]                 # keys that share the prefix
         segment = (rows + (high & (n - 1)).astype(jnp.int32)).reshape(-1)
-        w = jnp.where(in_play[..., None], weights_bvw, 0.0).reshape(B * V, W)
-        hist = jax.ops.segment_sum(w, segment, num_segments=B * n).reshape(B, n, W)
+        w = jnp.where(in_play, weights_bv, 0.0).reshape(-1)
+        hist = jax.ops.segment_sum(w, segment, num_segments=B * n).reshape(B, n)
         cum = below[:, None] + jnp.cumsum(hist, axis=1)                   # weight of keys up to each digit
-        first = jnp.sum(cum <= targets_bw[:, None], axis=1)               # [B, W] first digit over target
-        d = jnp.minimum(jnp.max(first, axis=-1), n - 1)                   # (min: guards float drift)
-        below = jnp.take_along_axis(cum - hist, d[:, None, None], axis=1)[:, 0]
+        d = jnp.minimum(jnp.sum(cum <= target_b[:, None], axis=1), n - 1)  # first digit over (min: float drift)
+        below = jnp.take_along_axis(cum - hist, d[:, None], axis=1)[:, 0]
         return (prefix << DIGIT_BITS) | d.astype(jnp.uint32), below
 
-    init = (jnp.zeros(B, jnp.uint32), jnp.zeros((B, W), jnp.float32))
+    init = (jnp.zeros(B, jnp.uint32), jnp.zeros(B, jnp.float32))
     return jax.lax.fori_loop(0, 3, digit_pass, init)[0]
 
 
@@ -92,29 +90,32 @@ def thresholds(x_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array, active_b
     active [B] bool.
 
     A token x is kept iff count(> x) < top_k and mass(> x) < top_p, i.e. iff the count / mass at or below x
-    exceed V - top_k / 1 - top_p: the threshold is the radix select of the smallest such order key. Summing
-    the mass from below keeps float32's error relative to the (small) tail, not to the whole distribution."""
+    exceed V - top_k / 1 - top_p: each limit's threshold is the radix select of the smallest such order key,
+    and a row with both takes the larger. Summing the mass from below keeps float32's error relative to the
+    (small) tail, not to the whole distribution."""
     V = x_bv.shape[-1]
     k_on = active_b & (top_k_b > 0) & (top_k_b < V)
     p_on = active_b & (top_p_b < 1.0)
-    count_target = jnp.where(k_on, V - top_k_b, -1).astype(jnp.float32)   # -1: always met
-    mass_target = jnp.where(p_on, 1.0 - top_p_b, -1.0)
+    both = k_on & p_on
     none = jnp.full(x_bv.shape[:1], -jnp.inf, jnp.float32)
 
-    def select(weights, targets):
+    def cut(_):
         keys = _order_key(x_bv)
-        t = _radix_select(keys, weights, targets)
+        probs = jnp.exp(x_bv - jax.nn.logsumexp(x_bv, axis=-1, keepdims=True))
+
+        # Round 0: each row's top_p (or its top_k when top_p is off); round 1, only run when some row has
+        # both: those rows' top_k. One loop body keeps a single radix select in the compiled step.
+        def round_(state):
+            i, t = state
+            by_mass = p_on & (i == 0)
+            counted = k_on & ((i == 0) | both)
+            target = jnp.where(by_mass, 1.0 - top_p_b, jnp.where(counted, (V - top_k_b).astype(jnp.float32), -1.0))
+            return i + 1, jnp.maximum(t, _radix_select(keys, jnp.where(by_mass[:, None], probs, 1.0), target))
+
+        rounds = 1 + jnp.any(both).astype(jnp.int32)
+        t = jax.lax.while_loop(lambda s: s[0] < rounds, round_, (jnp.int32(0), jnp.zeros_like(keys[:, 0])))[1]
         t = jnp.clip(t, _order_key(jnp.float32(-jnp.inf)), jnp.max(keys, axis=-1))  # keeps the top token
         return jnp.where(k_on | p_on, _from_order_key(t), none)
-
-    def cut(_):
-        probs = jnp.exp(x_bv - jax.nn.logsumexp(x_bv, axis=-1, keepdims=True))
-        # Rows with one limit share one histogram column; a second is paid only when some row has both.
-        one = lambda _: select(jnp.where(p_on[:, None], probs, 1.0)[..., None],  # noqa: E731
-                               jnp.where(p_on, mass_target, count_target)[:, None])
-        two = lambda _: select(jnp.stack([probs, jnp.ones_like(probs)], -1),  # noqa: E731
-                               jnp.stack([mass_target, count_target], -1))
-        return jax.lax.cond(jnp.any(k_on & p_on), two, one, None)
 
     return jax.lax.cond(jnp.any(k_on | p_on), cut, lambda _: none, None)
 
