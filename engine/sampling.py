@@ -1,22 +1,25 @@
 """Token sampling inside the jitted step: greedy, temperature, top-k, top-p, per-row seeds — without a sort.
 
-Semantics (the sort-based definition in tests/test_sampling.py): logits are divided by the temperature; a token
-is kept when fewer than top_k tokens have a strictly larger logit (top_k 0 = off) and the probability mass of the
-tokens strictly larger than it is < top_p (top_p 1 = off), both masses taken over the whole softmax. Ties at the
-threshold are therefore kept. The kept set is always {logit >= threshold}; only the threshold is searched for:
-- top_k over CANDIDATES (a static cap) sorted candidates gives it exactly whenever the kept set ends inside them
-  (cumulative mass along the candidates, as the definition does along the full sort);
-- otherwise (top_k > cap or off, and the nucleus covers every candidate) a bisection on the float's order-
-  preserving uint32 key finds the exact threshold: <= 32 passes of a masked count + sum over the whole row,
-  run only (lax.cond) in steps where some row needs it; each row keeps its own path's answer.
-With top_k off and top_p 1 there is no threshold: the whole distribution is sampled.
-The draw is exact too: a block of BLOCK tokens is picked with the block's share of the kept mass (block
-logsumexp), then a token inside it — Gumbel noise for ~V/BLOCK + BLOCK values instead of V per row.
+Semantics (the sort-based definition lives in tests/test_sampling.py): logits are divided by the temperature;
+a token is kept when fewer than top_k tokens have a strictly larger logit (top_k 0 or >= V: off) and the
+probability mass of the strictly larger tokens, over the whole softmax, is < top_p (top_p 1: off). Ties at the
+threshold are therefore kept and the kept set is {logit >= threshold}: only the threshold is searched for.
 
-Why these numbers (this 2-core CPU, batch 16 x V=49,152, see WORKSPACE.md): a full sort costs ~210 ms, Gumbel
-noise over the whole vocab ~25-50 ms; top_k(64) ~2-3 ms, one bisection pass ~0.5-0.9 ms. On SmolLM2's own
-logits at T=0.8, top_p=0.95 the nucleus exceeds 64 tokens in 16% of rows (256: 2.6%, 512: 0.3%), so at
-batch 16 most steps take the bisection path anyway; a larger cap costs more than it saves.
+How. The threshold is a radix select on the float's order-preserving uint32 key: three passes, each a
+2,048-bucket histogram (segment_sum) of the count or the probability mass of the keys still in play, fix 11
+bits each. It is exact for every top_k / top_p (no candidate cap, no silent truncation), and top_k off with
+top_p 1 skips it: the whole distribution is sampled. The mass is summed from the tail up, so float32's error
+is relative to the tail, not to the whole distribution. The draw is exact too: a block of BLOCK tokens with
+its share of the kept mass (block logsumexp), then a token within it, both by Gumbel-max — V/BLOCK + BLOCK
+noise values a row instead of V.
+
+Why (this 2-core CPU, batch 16, V = 49,152, CPU time; scripts/bench_sampling.py): the sort cost ~300 ms a
+step and Gumbel noise over the vocabulary ~25-50 ms. lax.top_k(64) candidates cost ~3-6 ms, yet on SmolLM2's
+own logits at T=0.8, top_p=0.95 the nucleus exceeds 64 tokens in 16% of rows (256: 2.6%), so most batch-16
+steps would need the exact fallback anyway; bisection on the key needs ~32 passes over the rows (~60-120 ms),
+the radix select 3 (~7 ms of the ~16 ms a top_p step now costs). Greedy-only steps skip all of it (lax.cond).
+On GPU, XLA's scatter-add may add in any order: a row whose mass lies within float rounding of top_p could
+then differ between runs (XLA's --xla_gpu_deterministic_ops fixes the order).
 
 Each row's key is fold_in(PRNGKey(seed), position of the token being sampled), so a request's tokens depend
 only on its seed and its own history — not on which other requests share the batch, nor on preemption.

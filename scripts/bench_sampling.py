@@ -1,8 +1,8 @@
 """Times engine.sampling.sample() (jitted) beside the sort-based sampler it replaced, in one run.
 
 Each setting runs both samplers on the same rotating batches, interleaved call by call, and prints the median
-and mean milliseconds per call (the mean counts the steps that take the exact bisection path). Logits are
-random normal rows (--scale) unless --logits names an .npy of real rows [N, V] float32.
+wall and CPU milliseconds per call (CPU time, of all this process's threads, is steadier on a shared machine).
+Logits are random normal rows (--scale) unless --logits names an .npy of real rows [N, V] float32.
 
   python scripts/bench_sampling.py --batch 1,16
   python scripts/bench_sampling.py --batch 16 --logits smollm_logits.npy
@@ -86,17 +86,18 @@ def inputs(B, temperature, top_k, top_p, step):
 
 
 def time_pair(fns, data, setting, calls):
-    """Interleaved timing of each fn over the rotating batches: {name: [ms per call]}."""
+    """Interleaved timing of each fn over the rotating batches: {name: ([wall ms], [cpu ms]) per call}."""
     B = data[0].shape[0]
-    out = {name: [] for name in fns}
+    out = {name: ([], []) for name in fns}
     for name, fn in fns.items():
         fn(data[0], inputs(B, *setting, 0)).block_until_ready()   # compile outside the timing
     for i in range(calls):
         x, s = data[i % len(data)], inputs(B, *setting, i)
         for name, fn in fns.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn(x, s).block_until_ready()
-            out[name].append((time.perf_counter() - t) * 1e3)
+            out[name][0].append((time.perf_counter() - t) * 1e3)
+            out[name][1].append((time.process_time() - c) * 1e3)
     return out
 
 
@@ -109,15 +110,15 @@ def main(argv=None):
         rows = (rng.standard_normal((256, args.vocab)) * args.scale).astype(np.float32)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; V={rows.shape[1]}; "
           f"{'logits from ' + args.logits if args.logits else f'random normal logits, scale {args.scale}'}")
-    print("| batch | setting | sampler | median ms | mean ms |\n|---|---|---|---|---|")
+    print("| batch | setting | sampler | wall ms | CPU ms |\n|---|---|---|---|---|")
     for B in args.batch:
         data = batches(rows, B, 8, rng)
         for name in args.settings.split(","):
             fns = {"sort-free (now)": jax.jit(sampling.sample)}
             if not args.no_sort:
                 fns["sort (before)"] = jax.jit(sort_sample)
-            for sampler, ts in time_pair(fns, data, SETTINGS[name], args.calls).items():
-                print(f"| {B} | {name} | {sampler} | {statistics.median(ts):.2f} | {statistics.mean(ts):.2f} |",
+            for sampler, (wall, cpu) in time_pair(fns, data, SETTINGS[name], args.calls).items():
+                print(f"| {B} | {name} | {sampler} | {statistics.median(wall):.2f} | {statistics.median(cpu):.2f} |",
                       flush=True)
 
 
