@@ -2,9 +2,11 @@
 
 The gRPC server, the offline `LLM` and the tests' fake engine all speak this contract:
 
-    engine.add_request(Request) -> RequestStream   # ValueError (bad request), QueueFullError, DuplicateRequestError
+    engine.add_request(Request) -> RequestStream   # ValueError (bad request), QueueFullError, DuplicateRequestError,
+                                                   # EngineUnavailableError (shut down / dead / draining)
     engine.abort(request_id) -> None               # frees the request's pages within one step
-    stream.get(timeout=None) -> RequestOutput      # blocks; the last one has finish_reason set
+    stream.get(timeout=None) -> RequestOutput      # blocks; the last one has finish_reason set (and `error`
+                                                   # when an engine fault killed the request)
     for out in stream: ...                         # iterates until the finished output
 """
 from __future__ import annotations
@@ -30,6 +32,22 @@ class DuplicateRequestError(ValueError):
     """A request with this request_id is already in flight (gRPC INVALID_ARGUMENT)."""
 
 
+class EngineUnavailableError(RuntimeError):
+    """The engine is shut down, dead or draining: it admits nothing (gRPC UNAVAILABLE, HTTP 503)."""
+
+
+class ErrorCode(str, enum.Enum):
+    INTERNAL = "internal"        # an engine fault killed this request (gRPC INTERNAL, HTTP 500)
+    UNAVAILABLE = "unavailable"  # the engine is restarting/stopped/draining (gRPC UNAVAILABLE, HTTP 503)
+
+
+@dataclass(frozen=True)
+class RequestError:
+    """Why the engine ended a request abnormally; set on its final output (finish_reason ABORT)."""
+    code: ErrorCode
+    message: str
+
+
 @dataclass(frozen=True)
 class Request:
     request_id: str
@@ -48,6 +66,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int
+    error: RequestError | None = None   # set (with finish_reason ABORT) when an engine fault ended the request
 
 
 class RequestStream:
