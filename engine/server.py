@@ -1,15 +1,16 @@
-"""`python -m engine.server`: serves one model over gRPC (engine.v1.Engine, health, reflection, metrics).
+"""`python -m engine.server`: serves one model over gRPC (engine.v1.Engine, health, reflection, metrics) and
+the OpenAI-compatible HTTP API (engine/http_server.py; --http-port, 0 = off) on the same engine instance.
 
 Start-up order, and why:
   1. flags -> EngineConfig (engine.flags): a bad value fails in one line before anything heavy is imported;
   2. bind the gRPC port, start health (NOT_SERVING) and reflection: a taken port fails before minutes of
      model loading, and orchestrators can probe the server while the model loads;
   3. build the engine, warm it up (compiles every bucket), start its loop, then report SERVING.
-SIGTERM / SIGINT: stop admitting (UNAVAILABLE), let in-flight streams finish for --shutdown-grace-seconds,
+SIGTERM / SIGINT: stop admitting on both front ends (gRPC UNAVAILABLE, HTTP 503), let in-flight streams finish for --shutdown-grace-seconds,
 abort the rest (they end with finish_reason ABORT), shut the engine down and exit 0. A signal while the
 model is still loading (nothing in flight yet), or a second signal, exits at once.
 
-    python -m engine.server --model-path=model.gguf --port=50051 --metrics-port=9090
+    python -m engine.server --model-path=model.gguf --port=50051 --http-port=8000 --metrics-port=9090
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from concurrent import futures
 from typing import Callable
 
@@ -63,15 +65,28 @@ def _check_port_free(host: str, port: int) -> None:
     raise ServeError(f"--port={port}: cannot listen on {_address(host, port)} ({'; '.join(errors)})")
 
 
+def _http_front_end(metrics: ServerMetrics, host: str, port: int | None):
+    """The OpenAI-compatible HTTP front end on `port` (None = off; 0 = a free port), bound now so that a
+    taken port fails before the model loads. FastAPI is imported only when HTTP is on."""
+    if port is None:
+        return None
+    from engine.http_server import HttpFrontEnd
+    try:
+        return HttpFrontEnd(metrics, host.strip("[]"), port)
+    except OSError as e:
+        raise ServeError(f"--http-port={port}: cannot listen on {_address(host, port)} ({e.strerror})") from None
+
+
 class EngineServer:
-    """A gRPC server (engine.v1.Engine + grpc.health.v1 + reflection) and its /metrics endpoint.
+    """A gRPC server (engine.v1.Engine + grpc.health.v1 + reflection), its /metrics endpoint and, with
+    `http_port`, the OpenAI-compatible HTTP front end (`self.http`) over the same engine.
 
     Construction binds the ports (raising ServeError); `start()` starts answering (health NOT_SERVING);
     `attach(engine)` warms the engine up, starts it and reports SERVING; `shutdown(grace)` drains.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, metrics_port: int | None = None,
-                 max_workers: int = MIN_WORKERS):
+                 max_workers: int = MIN_WORKERS, http_port: int | None = None):
         self.metrics = ServerMetrics(self._stats)
         self.servicer = EngineServicer(self.metrics)
         # so_reuseport=0: otherwise a second server silently shares a port that is already taken.
@@ -97,6 +112,8 @@ class EngineServer:
                 self.metrics_port = self.metrics.start_http(metrics_port, host.strip("[]"))
             except OSError as e:
                 raise ServeError(f"--metrics-port={metrics_port}: cannot listen on {host} ({e.strerror})") from None
+        self.http = _http_front_end(self.metrics, host, http_port)
+        self._front_ends = [self.servicer] + ([self.http] if self.http else [])
 
     def _stats(self):
         engine = self.servicer.engine
@@ -108,25 +125,33 @@ class EngineServer:
 
     def start(self) -> None:
         self._server.start()
+        if self.http:
+            self.http.start()
 
     def attach(self, engine) -> None:
         """Warms the engine up (compiling every bucket), starts its loop, then serves it: SERVING."""
         engine.warmup()
         engine.start()
-        self.servicer.attach(engine)
+        for front_end in self._front_ends:
+            front_end.attach(engine)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def shutdown(self, grace: float) -> None:
         """Stops admitting, waits up to `grace` s for in-flight streams, aborts the rest, stops everything."""
-        self.servicer.drain()
+        for front_end in self._front_ends:
+            front_end.drain()
         self.health.enter_graceful_shutdown()  # NOT_SERVING for every service from now on
-        if not self.servicer.wait_idle(grace):
+        deadline = time.monotonic() + grace
+        if not all(f.wait_idle(max(0.0, deadline - time.monotonic())) for f in self._front_ends):
             logging.warning("shutdown: aborting the streams still running after %.1f s", grace)
         engine = self.servicer.engine
         if engine is not None:
             engine.shutdown(abort_inflight=True)  # remaining streams get a last message with ABORT
-        self.servicer.wait_idle(ABORT_WAIT_SECONDS)
+        for front_end in self._front_ends:
+            front_end.wait_idle(ABORT_WAIT_SECONDS)
         self._server.stop(grace=1.0).wait()
+        if self.http:
+            self.http.stop()
         self.metrics.stop_http()
 
 
@@ -178,7 +203,8 @@ def serve(config: EngineConfig, options: ServeOptions, engine_factory: Callable 
     signals = _Signals()
     workers = config.max_batch_size + config.max_waiting_requests + 8  # every admitted stream holds a thread
     try:
-        server = EngineServer(options.host, options.port, options.metrics_port, max_workers=workers)
+        server = EngineServer(options.host, options.port, options.metrics_port, max_workers=workers,
+                              http_port=options.http_port)
     except ServeError as e:
         _fail(e, 1)
     server.start()
@@ -190,6 +216,7 @@ def serve(config: EngineConfig, options: ServeOptions, engine_factory: Callable 
         _fail(e, 1)
     signals.serving = True  # from here on a signal drains instead of exiting at once
     metrics = f"; metrics at :{server.metrics_port}/metrics" if server.metrics_port else ""
+    metrics += f"; OpenAI-compatible HTTP at {server.http.url}/v1" if server.http else ""
     print(f"engine.server: serving {engine.model_name} on {server.address} "
           f"(devices {engine.device_description}{metrics})", flush=True)
     while not signals.stop.wait(1.0):  # a timed wait keeps the main thread responsive to signals
