@@ -29,6 +29,7 @@ class Call:
     created: int
     stream: bool
     include_usage: bool
+    return_token_ids: bool = False
 
 
 def _is_token_ids(v) -> bool:
@@ -100,7 +101,8 @@ def build(body: CompletionRequest | ChatCompletionRequest, engine) -> tuple[Requ
         raise HttpError(400, str(e), param_of(str(e), fields)) from None
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    call = Call(chat, request_id, engine.model_name, int(time.time()), body.stream, include_usage)
+    call = Call(chat, request_id, engine.model_name, int(time.time()), body.stream, include_usage,
+                body.return_token_ids)
     return request_builder.make_request(request_id, ids, sampling, body.cache_salt or ""), call
 
 
@@ -115,20 +117,24 @@ def _envelope(call: Call, stream: bool) -> dict:
     return {"id": call.request_id, "object": kind, "created": call.created, "model": call.model}
 
 
-def _choice(call: Call, text: str | None, finish: str | None, stream: bool) -> dict:
+def _choice(call: Call, text: str | None, finish: str | None, stream: bool, token_ids=()) -> dict:
     if not call.chat:
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-    if stream:
-        return {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": None,
-                "finish_reason": finish}
-    return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-            "finish_reason": finish}
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+    elif stream:
+        choice = {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": None,
+                  "finish_reason": finish}
+    else:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish}
+    if call.return_token_ids:
+        choice["token_ids"] = list(token_ids)
+    return choice
 
 
-def response(call: Call, text: str, last: RequestOutput) -> dict:
+def response(call: Call, text: str, token_ids: list[int], last: RequestOutput) -> dict:
     """The whole (non-streamed) answer."""
-    return {**_envelope(call, False), "choices": [_choice(call, text, _FINISH[last.finish_reason], False)],
-            "usage": usage(last)}
+    choice = _choice(call, text, _FINISH[last.finish_reason], False, token_ids)
+    return {**_envelope(call, False), "choices": [choice], "usage": usage(last)}
 
 
 def first_chunk(call: Call) -> dict | None:
@@ -144,7 +150,7 @@ def chunks(call: Call, out: RequestOutput) -> list[dict]:
     """The stream chunks of one engine output: its text (if any), then the finish and usage chunks."""
     result = []
     if out.text or out.new_token_ids:
-        text_chunk = {**_envelope(call, True), "choices": [_choice(call, out.text, None, True)]}
+        text_chunk = {**_envelope(call, True), "choices": [_choice(call, out.text, None, True, out.new_token_ids)]}
         result.append(_with_usage_slot(call, text_chunk))
     if out.finish_reason is not None:
         finish = {**_envelope(call, True), "choices": [_choice(call, None, _FINISH[out.finish_reason], True)]}

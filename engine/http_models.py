@@ -8,7 +8,7 @@ gRPC; only what JSON allows and protobuf cannot carry (a negative or huge seed) 
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,7 +23,7 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(_Body):
-    """Fields both endpoints share. Extensions (as in vLLM): top_k, ignore_eos, cache_salt."""
+    """Fields both endpoints share. Extensions (as in vLLM): top_k, ignore_eos, cache_salt, return_token_ids."""
     model: str | None = None            # None or the served model's name (anything else: 404)
     temperature: float | None = None    # None: 1.0, OpenAI's default; 0 = greedy
     top_p: float | None = None
@@ -34,6 +34,7 @@ class _Sampling(_Body):
     top_k: int | None = None            # 0 or -1 (vLLM's spelling) = off
     ignore_eos: bool = False
     cache_salt: str | None = None       # requests with different salts never share cached KV pages
+    return_token_ids: bool = False      # each choice also carries the generated `token_ids`
 
 
 class CompletionRequest(_Sampling):
@@ -104,5 +105,3 @@ def unsupported_field(body: _Body) -> tuple[str, str] | None:
             return name, f"{name}={value!r} is not supported; this server accepts {accepted}"
     return None
 
-
-Endpoint = Literal["completions", "chat"]

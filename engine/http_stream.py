@@ -94,15 +94,16 @@ class EngineResponse(Response):
 
     # -- the client side -----------------------------------------------------------------------------
     async def _send_whole(self, send) -> None:
-        text = []
+        text, token_ids = [], []
         while (outs := await self._next()) is not None:
             text.extend(o.text for o in outs)
+            token_ids.extend(t for o in outs for t in o.new_token_ids)
             last = outs[-1]
             if last.finish_reason is None:
                 continue
             if _failed(last):
                 return await self._send_error(send, engine_error(last.error))
-            body = json.dumps(http_convert.response(self._call, "".join(text), last)).encode()
+            body = json.dumps(http_convert.response(self._call, "".join(text), token_ids, last)).encode()
             return await self._send_json(send, 200, body)
 
     async def _stream_events(self, send) -> None:

@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -28,6 +29,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SERVING_LINE = re.compile(r"serving .* on (\S+):(\d+)")
 _RESERVED_FLAGS = ("--port", "--metrics-port", "--http-port", "--host")
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What the benchmark knows of the server it measures (None: the server does not say)."""
+    name: str
+    max_length: int | None
+    prefix_caching: bool | None
+    ours: bool                      # this engine (gRPC, or its HTTP front end): its /metrics can be read
 
 
 class ServerStartError(RuntimeError):

@@ -62,7 +62,9 @@ def test_completion_of_a_string_and_of_token_ids(shared):
                              "prompt_tokens_details": {"cached_tokens": 0}}
     for prompt in ([97, 98], [[97, 98]], ["ab"]):   # token ids, and batches of one
         r = shared.http.post(COMPLETIONS, json={"prompt": prompt, "max_tokens": 4, "model": "fake-model"})
-        assert r.json()["choices"][0]["text"] == "cdef"
+        assert r.json()["choices"][0]["text"] == "cdef" and "token_ids" not in r.json()["choices"][0]
+    r = shared.http.post(COMPLETIONS, json={"prompt": "ab", "max_tokens": 4, "return_token_ids": True})
+    assert r.json()["choices"][0]["token_ids"] == [99, 100, 101, 102]
 
 
 def test_chat_completion_renders_the_chat_template(shared):
@@ -112,6 +114,8 @@ def test_completion_stream_without_usage(shared):
     assert [e["choices"][0]["text"] for e in events[:-1]] == ["c", "d", ""]
     assert [e["choices"][0]["finish_reason"] for e in events[:-1]] == [None, None, "length"]
     assert all("usage" not in e for e in events[:-1]) and events[-1] == "[DONE]"
+    r = shared.http.post(COMPLETIONS, json={"prompt": "ab", "max_tokens": 2, "stream": True, "return_token_ids": True})
+    assert [e["choices"][0]["token_ids"] for e in sse_events(r.text)[:-1]] == [[99], [100], []]
 
 
 def test_openai_sdk_streams_a_chat_completion_and_a_completion(shared):

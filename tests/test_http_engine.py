@@ -72,6 +72,12 @@ def test_openai_sdk_streams_equal_the_grpc_reply(served, client):
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == want_text
     assert chunks[-1].usage.completion_tokens == want.usage.completion_tokens and chunks[-1].usage.prompt_tokens == 40
+    r = served.http.post("/v1/completions", json={"prompt": ids, "max_tokens": 20, "temperature": 0,
+                                                  "cache_salt": "h3", "return_token_ids": True})
+    want_ids = [t for r in served.stub.Generate(pb.GenerateRequest(
+        prompt_token_ids=pb.TokenIds(ids=ids), cache_salt="g3",
+        sampling=pb.SamplingParams(max_tokens=20, temperature=0.0))) for t in r.token_ids]
+    assert r.json()["choices"][0]["token_ids"] == want_ids and r.json()["choices"][0]["text"] == want_text
 
 
 def test_a_second_request_sharing_a_long_prefix_reports_cached_tokens(served, client):
