@@ -105,6 +105,10 @@ class HttpFrontEnd:
         with self._cond:
             self._draining = True
 
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     def wait_idle(self, timeout: float | None) -> bool:
         """Blocks until no generation request is in flight; False if `timeout` passed first."""
         with self._cond:
@@ -158,7 +162,7 @@ def _add_request(front: HttpFrontEnd, engine, request):
     except ValueError as e:  # the engine's own checks name the field (LLMEngine.validate)
         raise HttpError(400, str(e), param_of(str(e), frozenset({"prompt", "messages", "max_tokens"}))) from None
     except RuntimeError:
-        if front._draining:
+        if front.draining:
             raise HttpError(503, "the server is shutting down", code="unavailable") from None
         raise  # an engine bug: 500, logged by the handler
 

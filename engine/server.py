@@ -3,12 +3,13 @@ the OpenAI-compatible HTTP API (engine/http_server.py; --http-port, 0 = off) on 
 
 Start-up order, and why:
   1. flags -> EngineConfig (engine.flags): a bad value fails in one line before anything heavy is imported;
-  2. bind the gRPC port, start health (NOT_SERVING) and reflection: a taken port fails before minutes of
-     model loading, and orchestrators can probe the server while the model loads;
+  2. bind the gRPC and HTTP ports, start health (NOT_SERVING; HTTP /health 503) and reflection: a taken
+     port fails before minutes of model loading, and orchestrators can probe the server while it loads;
   3. build the engine, warm it up (compiles every bucket), start its loop, then report SERVING.
-SIGTERM / SIGINT: stop admitting on both front ends (gRPC UNAVAILABLE, HTTP 503), let in-flight streams finish for --shutdown-grace-seconds,
-abort the rest (they end with finish_reason ABORT), shut the engine down and exit 0. A signal while the
-model is still loading (nothing in flight yet), or a second signal, exits at once.
+SIGTERM / SIGINT: stop admitting on both front ends (gRPC UNAVAILABLE, HTTP 503), let in-flight streams
+finish for --shutdown-grace-seconds, abort the rest (gRPC: finish_reason ABORT; HTTP: an error event),
+shut the engine down and exit 0. A signal while the model is still loading (nothing in flight yet), or a
+second signal, exits at once.
 
     python -m engine.server --model-path=model.gguf --port=50051 --http-port=8000 --metrics-port=9090
 """
