@@ -7,7 +7,8 @@ text (or token ids); ITL = the gaps between such chunks (shared by the tokens of
 says how many); output and cached tokens come from the final `usage` chunk (`stream_options.
 include_usage`) when the server sends one, else the output is counted in chunks. The extensions
 (`ignore_eos`, `cache_salt`, `return_token_ids`, as in vLLM) go only to servers that accept them: ours, or
-with `extensions=True`. With token ids returned, a multi-turn history holds exactly the tokens generated;
+with `extensions=True`; `extra_body` adds fields of the server's own (e.g. llama.cpp's `min_tokens`, its
+stand-in for ignore_eos). With token ids returned, a multi-turn history holds exactly the tokens generated;
 otherwise the answer's text, re-tokenized.
 """
 from __future__ import annotations
@@ -28,14 +29,14 @@ class OpenAIBackend:
     name = "openai"
 
     def __init__(self, url: str, tokenizer, timeout: float, prompt_format: str = "text",
-                 extensions: bool | None = None):
+                 extensions: bool | None = None, extra_body: dict | None = None):
         parsed = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
         if parsed.scheme != "http" or not parsed.hostname:
             raise ValueError(f"--target={url!r} is not allowed; the openai backend wants http://HOST:PORT")
         self.url = f"http://{parsed.netloc}"
         self._host, self._port = parsed.hostname, parsed.port or 80
         self._tokenizer, self._timeout, self._format = tokenizer, timeout, prompt_format
-        self._extensions, self._model = extensions, None
+        self._extensions, self._extra_body, self._model = extensions, dict(extra_body or {}), None
         self._local = threading.local()   # one keep-alive connection per client thread
         self._lock, self._connections = threading.Lock(), []
         self.metrics_url: str | None = None
@@ -66,7 +67,7 @@ class OpenAIBackend:
                    "stream": True, "stream_options": {"include_usage": True}}
         if self._extensions:
             payload.update(ignore_eos=True, cache_salt=salt, return_token_ids=True)
-        return payload
+        return {**payload, **self._extra_body}
 
     def send(self, prompt: list[int], output_len: int, salt: str) -> tuple[RequestResult, list[int]]:
         """One streamed completion; returns its timings and the answer as token ids."""

@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="openai backend: prompts as text (any server) or token ids (ours, vLLM)")
     p.add_argument("--openai-extensions", choices=("auto", "on", "off"), default="auto",
                    help="openai backend: send ignore_eos and cache_salt (auto: only to our server)")
+    p.add_argument("--openai-extra-body", type=json.loads, default={}, metavar="JSON",
+                   help="openai backend: fields added to every request, e.g. '{\"min_tokens\": 32}' (llama.cpp)")
     p.add_argument("--metrics-url", help="the --target server's /metrics (for the hit rate; openai backend: "
                                          "our server's own /metrics by default)")
     p.add_argument("--model-path", help="tokenizer source; default: --model-path in --launch, else the embedded model")
@@ -150,7 +152,8 @@ def check_fits(sessions: list[Session], info, workload: str) -> None:
 def make_backend(args, target: str, tokenizer):
     if args.backend == "openai":
         extensions = {"auto": None, "on": True, "off": False}[args.openai_extensions]
-        return OpenAIBackend(target, tokenizer, args.request_timeout, args.openai_prompt, extensions)
+        return OpenAIBackend(target, tokenizer, args.request_timeout, args.openai_prompt, extensions,
+                             args.openai_extra_body)
     return GrpcBackend(target, tokenizer, args.request_timeout)
 
 

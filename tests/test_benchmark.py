@@ -161,14 +161,14 @@ def test_openai_backend_sends_only_standard_fields_to_other_servers(monkeypatch)
     monkeypatch.setattr("engine.http_server.OWNED_BY", "someone-else")
     engine = FakeEngine(EngineConfig(max_length=64), eos_token_id=ord("e"))
     with serving(engine) as served:
-        backend = OpenAIBackend(served.url, _Chars(), timeout=30)
+        backend = OpenAIBackend(served.url, _Chars(), timeout=30, extra_body={"top_k": 3})
         info = backend.info()
         assert (info.name, info.ours, backend.metrics_url) == ("fake-model", False, None)
         payload = backend._payload([ord("a"), ord("b")], 8, "salt")
         result, answer = backend.send([ord("a"), ord("b")], 8, "salt")
         backend.close()
     assert payload == {"model": "fake-model", "prompt": "ab", "max_tokens": 8, "temperature": 0.0, "stream": True,
-                       "stream_options": {"include_usage": True}}
+                       "stream_options": {"include_usage": True}, "top_k": 3}
     # "ab" continues "cde" and stops at the EOS "e" (whose text the fake leaves out): no ignore_eos was sent
     assert result.ok and result.output_len == 3 and answer == [ord("c"), ord("d")] and result.prompt_len == 2
     assert result.ttft is not None and len(result.itls) == 1
