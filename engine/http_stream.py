@@ -68,9 +68,10 @@ class EngineResponse(Response):
                 return
 
     def _abort(self) -> None:
-        if self._timer is not None and not self._done:
-            self._timer.on_finish(FinishReason.ABORT)
+        """Ends the request before the engine did (client gone, broken write): its pages go back next step."""
         self._done = True
+        if self._timer is not None:
+            self._timer.on_finish(FinishReason.ABORT)
         self._engine.abort(self._call.request_id)
 
     async def _next(self) -> list[RequestOutput] | None:
