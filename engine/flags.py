@@ -44,6 +44,8 @@ ENGINE_FLAGS = (
 SERVE_FLAGS = (
     ("host", "string", "127.0.0.1", "Address to listen on (0.0.0.0 or [::] for all interfaces)."),
     ("port", "integer", 50051, "gRPC port; 0 picks a free one (printed when serving)."),
+    ("http-port", "integer", 8000, "OpenAI-compatible HTTP API port (/v1/completions, /v1/chat/completions, "
+                                   "/health, /metrics); 0 = off."),
     ("metrics-port", "integer", 0, "Prometheus /metrics port; 0 = off."),
     ("max-concurrent-rpcs", "integer", 256, "Most Generate calls in flight at once (each holds a thread); "
                                             "beyond it Generate answers RESOURCE_EXHAUSTED."),
@@ -71,6 +73,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = None   # None = no metrics endpoint
+    http_port: int | None = 8000      # None = no HTTP API
     max_concurrent_rpcs: int = 256
     shutdown_timeout_seconds: float = 25.0
     coordinator_address: str | None = None
@@ -132,6 +135,13 @@ def _check_port(name: str, port: int, zero_means: str) -> None:
         raise FlagError(f"--{name}={port} is not allowed; it must be in [0, 65535] (0 = {zero_means})")
 
 
+def _check_http_port(http: int, grpc: int, metrics: int) -> None:
+    _check_port("http-port", http, "no HTTP API")
+    for name, other in (("--port", grpc), ("--metrics-port", metrics)):
+        if http and http == other:
+            raise FlagError(f"--http-port={http} is not allowed; it must differ from {name} (0 = no HTTP API)")
+
+
 def _check_model_path(path: str | None) -> None:
     """Rejects a path that plainly names a file or directory which is not there (a repo id is left to the engine)."""
     looks_like_path = path is not None and (path.endswith(".gguf") or path.startswith(("/", "./", "../", "~")))
@@ -156,6 +166,7 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> tuple[Engi
     _check_port("metrics-port", value("metrics-port"), "no metrics endpoint")
     if value("metrics-port") and value("metrics-port") == value("port"):
         raise FlagError(f"--metrics-port={value('metrics-port')} is not allowed; it must differ from --port")
+    _check_http_port(value("http-port"), value("port"), value("metrics-port"))
     if not value("host"):
         raise FlagError("--host='' is not allowed; give an address such as 127.0.0.1 or 0.0.0.0")
     if not value("shutdown-timeout-seconds") >= 0:  # NaN too
@@ -169,6 +180,7 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> tuple[Engi
     except ValueError as e:
         raise FlagError(str(e)) from None
     options = ServeOptions(host=value("host"), port=value("port"), metrics_port=value("metrics-port") or None,
+                           http_port=value("http-port") or None,
                            max_concurrent_rpcs=value("max-concurrent-rpcs"),
                            shutdown_timeout_seconds=value("shutdown-timeout-seconds"),
                            coordinator_address=value("coordinator-address"),

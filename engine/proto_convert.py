@@ -7,26 +7,21 @@ GenerateResponse. Nothing a client sends can reach the engine unchecked, and the
 """
 from __future__ import annotations
 
-import uuid
-
 from google.protobuf.message import DecodeError
 
+from engine import request_builder
 from engine.request import FinishReason, Request, RequestOutput
 from engine.request_checks import check_identifiers, check_prompt_text, check_stop, messages_bytes
+from engine.request_builder import InvalidRequest  # the servicer catches it from here
 from engine.sampling_params import SamplingParams
 from engine.v1 import engine_pb2 as pb
 
-DEFAULT_MAX_TOKENS = 256  # for an unset sampling.max_tokens (lowered to what fits in --max-length)
 _INPUT_ONEOF = pb.GenerateRequest.DESCRIPTOR.oneofs_by_name["input"]
 _INPUT_NUMBERS = frozenset(f.number for f in _INPUT_ONEOF.fields)
 _INPUT_NAMES = ", ".join(f.name for f in _INPUT_ONEOF.fields)
 _FINISH_REASONS = {FinishReason.STOP: pb.GenerateResponse.STOP,
                    FinishReason.LENGTH: pb.GenerateResponse.LENGTH,
                    FinishReason.ABORT: pb.GenerateResponse.ABORT}
-
-
-class InvalidRequest(ValueError):
-    """A client error; the message names the offending field (sent as INVALID_ARGUMENT)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -81,19 +76,7 @@ def parse_generate_request(data: bytes):
 
 
 # ---------------------------------------------------------------------------------------------------
-# GenerateRequest -> engine Request (validation)
-
-def _encode_chat(messages, tokenizer) -> list[int]:
-    if not messages:
-        raise InvalidRequest("messages is empty; send at least one ChatMessage")
-    dicts = [{"role": m.role, "content": m.content} for m in messages]
-    try:  # the tokenizer's checks name the field, e.g. "messages[1].role='robot' is not allowed; ..."
-        if hasattr(tokenizer, "encode_chat"):  # the real tokenizer: also keeps a single BOS, like llama.cpp
-            return list(tokenizer.encode_chat(dicts, add_generation_prompt=True))
-        return list(tokenizer.encode(tokenizer.apply_chat_template(dicts, add_generation_prompt=True)))
-    except ValueError as e:
-        raise InvalidRequest(str(e)) from None
-
+# GenerateRequest -> engine Request (validation: engine/request_builder.py, shared with the HTTP front end)
 
 def prompt_token_ids(request: pb.GenerateRequest, engine) -> tuple[str, list[int]]:
     """(the input field's name, its token ids); raises InvalidRequest."""
@@ -101,32 +84,20 @@ def prompt_token_ids(request: pb.GenerateRequest, engine) -> tuple[str, list[int
     if kind is None:
         raise InvalidRequest(f"input: set exactly one of {_INPUT_NAMES} (got none, or several)")
     if kind == "prompt":
-        if not request.prompt:
-            raise InvalidRequest("prompt is empty")
-        ids = list(engine.tokenizer.encode(request.prompt, add_special_tokens=True))
+        value = request.prompt
     elif kind == "messages":
-        ids = _encode_chat(request.messages.messages, engine.tokenizer)
+        value = [{"role": m.role, "content": m.content} for m in request.messages.messages]
     else:
-        ids = list(request.prompt_token_ids.ids)   # range-checked by engine.add_request (names the index)
-    if not ids:
-        raise InvalidRequest(f"{kind} is empty" if kind == "prompt_token_ids" else f"{kind} encodes to no tokens")
-    return kind, ids
+        value = list(request.prompt_token_ids.ids)
+    return kind, request_builder.prompt_ids(kind, value, engine.tokenizer)
 
 
 def sampling_params(s: pb.SamplingParams, kind: str, prompt_len: int, max_length: int) -> SamplingParams:
     """Proto SamplingParams -> engine SamplingParams, applying defaults to unset fields; raises InvalidRequest."""
-    room = max_length - prompt_len
-    if room < 1:
-        raise InvalidRequest(f"{kind}: the prompt has {prompt_len} tokens; at most {max_length - 1} fit "
-                             f"(--max-length={max_length} counts prompt + completion)")
-    try:
-        params = SamplingParams(
-            max_tokens=s.max_tokens if s.HasField("max_tokens") else min(DEFAULT_MAX_TOKENS, room),
-            temperature=s.temperature, top_p=s.top_p if s.HasField("top_p") else 1.0, top_k=s.top_k,
-            seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop), ignore_eos=s.ignore_eos)
-    except ValueError as e:  # SamplingParams names the field: "sampling.top_p=..."
-        raise InvalidRequest(str(e)) from None
-    return params   # prompt + max_tokens vs --max-length: checked by engine.add_request
+    return request_builder.sampling_params(
+        kind, prompt_len, max_length, max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
+        temperature=s.temperature, top_p=s.top_p if s.HasField("top_p") else None, top_k=s.top_k,
+        seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop), ignore_eos=s.ignore_eos)
 
 
 def check_cheap_limits(request: pb.GenerateRequest, config) -> None:
@@ -151,8 +122,7 @@ def build_request(request, engine) -> Request:
     check_cheap_limits(request, engine.config)
     kind, ids = prompt_token_ids(request, engine)
     sampling = sampling_params(request.sampling, kind, len(ids), engine.config.max_length)
-    return Request(request_id=request.request_id or uuid.uuid4().hex, prompt_token_ids=tuple(ids),
-                   sampling=sampling, cache_salt=request.cache_salt)
+    return request_builder.make_request(request.request_id, ids, sampling, request.cache_salt)
 
 
 def to_response(out: RequestOutput) -> pb.GenerateResponse:

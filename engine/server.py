@@ -1,19 +1,21 @@
-"""`python -m engine.server`: serves one model over gRPC (engine.v1.Engine, health, reflection, metrics).
+"""`python -m engine.server`: serves one model over gRPC (engine.v1.Engine, health, reflection, metrics) and
+the OpenAI-compatible HTTP API (engine/http_server.py; --http-port, 0 = off) on the same engine instance.
 
 Start-up order, and why:
   1. flags -> EngineConfig (engine.flags): a bad value fails in one line before anything heavy is imported;
-  2. bind the gRPC port, start health (NOT_SERVING) and reflection: a taken port fails before minutes of
-     model loading, and orchestrators can probe the server while the model loads;
+  2. bind the gRPC and HTTP ports, start health (NOT_SERVING; HTTP /health 503) and reflection: a taken
+     port fails before minutes of model loading, and orchestrators can probe the server while it loads;
   3. build the engine, warm it up (compiles every bucket), start its loop, then report SERVING.
 Any start-up failure (bad host, unloadable model or tokenizer, an XLA error or out of memory in warm-up)
 prints one line and exits 1.
-SIGTERM / SIGINT: stop admitting (UNAVAILABLE), let in-flight streams finish, abort the rest (they end with
-finish_reason ABORT), shut the engine down and exit 0 — all within --shutdown-timeout-seconds (at least
-ABORT_RESERVE_SECONDS). A signal while the model is still loading, or a second signal, exits at once.
-If the engine dies (a fault it cannot recover from): health NOT_SERVING, every call UNAVAILABLE, and the
-process exits 1 so that its supervisor (Kubernetes, systemd) restarts it — WORKSPACE.md § Faults.
+SIGTERM / SIGINT: stop admitting on both front ends (gRPC UNAVAILABLE, HTTP 503), let in-flight streams
+finish, abort the rest (gRPC: finish_reason ABORT; HTTP: an error event), shut the engine down and exit 0 —
+all within --shutdown-timeout-seconds (at least ABORT_RESERVE_SECONDS). A signal while the model is still
+loading, or a second signal, exits at once.
+If the engine dies (a fault it cannot recover from): health NOT_SERVING, every call UNAVAILABLE (HTTP 503),
+and the process exits 1 so that its supervisor (Kubernetes, systemd) restarts it — WORKSPACE.md § Faults.
 
-    python -m engine.server --model-path=model.gguf --port=50051 --metrics-port=9090
+    python -m engine.server --model-path=model.gguf --port=50051 --http-port=8000 --metrics-port=9090
 """
 from __future__ import annotations
 
@@ -76,8 +78,21 @@ def _check_port_free(host: str, port: int) -> None:
     raise ServeError(f"--port={port}: cannot listen on {_address(host, port)} ({'; '.join(errors)})")
 
 
+def _http_front_end(metrics: ServerMetrics, host: str, port: int | None):
+    """The OpenAI-compatible HTTP front end on `port` (None = off; 0 = a free port), bound now so that a
+    taken port fails before the model loads. FastAPI is imported only when HTTP is on."""
+    if port is None:
+        return None
+    from engine.http_server import HttpFrontEnd
+    try:
+        return HttpFrontEnd(metrics, host.strip("[]"), port)
+    except OSError as e:
+        raise ServeError(f"--http-port={port}: cannot listen on {_address(host, port)} ({e.strerror})") from None
+
+
 class EngineServer:
-    """A gRPC server (engine.v1.Engine + grpc.health.v1 + reflection) and its /metrics endpoint.
+    """A gRPC server (engine.v1.Engine + grpc.health.v1 + reflection), its /metrics endpoint and, with
+    `http_port`, the OpenAI-compatible HTTP front end (`self.http`) over the same engine.
 
     Construction binds the ports (raising ServeError); `start()` starts answering (health NOT_SERVING);
     `attach(engine)` warms the engine up, starts it and reports SERVING, then watches it: if it dies, health
@@ -85,7 +100,7 @@ class EngineServer:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, metrics_port: int | None = None,
-                 max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS):
+                 max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS, http_port: int | None = None):
         self.metrics = ServerMetrics(self._stats)
         self.servicer = EngineServicer(self.metrics, max_concurrent_rpcs)
         self.failure: str | None = None
@@ -116,6 +131,8 @@ class EngineServer:
                 self.metrics_port = self.metrics.start_http(metrics_port, host.strip("[]"))
             except OSError as e:
                 raise ServeError(f"--metrics-port={metrics_port}: cannot listen on {host} ({e.strerror})") from None
+        self.http = _http_front_end(self.metrics, host, http_port)
+        self._front_ends = [self.servicer] + ([self.http] if self.http else [])
 
     def _stats(self):
         engine = self.servicer.engine
@@ -127,12 +144,15 @@ class EngineServer:
 
     def start(self) -> None:
         self._server.start()
+        if self.http:
+            self.http.start()
 
     def attach(self, engine) -> None:
         """Warms the engine up (compiling every bucket), starts its loop, then serves it: SERVING."""
         engine.warmup()
         engine.start()
-        self.servicer.attach(engine)
+        for front_end in self._front_ends:
+            front_end.attach(engine)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         threading.Thread(target=self._watch, args=(engine,), name="engine-watch", daemon=True).start()
 
@@ -142,7 +162,8 @@ class EngineServer:
         if reason is None:
             return
         logging.error("engine.server: the engine failed: %s", reason)
-        self.servicer.mark_failed(reason)
+        for front_end in self._front_ends:
+            front_end.mark_failed(reason)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.failure = reason
         self._failed.set()
@@ -156,17 +177,21 @@ class EngineServer:
         """Stops admitting; in-flight streams may finish for `timeout - ABORT_RESERVE_SECONDS`, then the rest are
         aborted and everything stops. Returns within max(timeout, ABORT_RESERVE_SECONDS) s plus a little."""
         drain_until = time.monotonic() + max(0.0, timeout - ABORT_RESERVE_SECONDS)
-        self.servicer.drain()
+        for front_end in self._front_ends:
+            front_end.drain()
         self.health.enter_graceful_shutdown()  # NOT_SERVING for every service from now on
-        if not self.servicer.wait_idle(max(0.0, drain_until - time.monotonic())):
+        if not all(f.wait_idle(max(0.0, drain_until - time.monotonic())) for f in self._front_ends):
             logging.warning("shutdown: aborting the streams still running after %.1f s", timeout)
         deadline = time.monotonic() + ABORT_RESERVE_SECONDS
         left = lambda: max(0.0, deadline - time.monotonic())  # noqa: E731
         engine = self.servicer.engine
         if engine is not None:  # remaining streams get a last message with ABORT
             engine.shutdown(abort_inflight=True, timeout=ABORT_RESERVE_SECONDS * 2 / 3)
-        self.servicer.wait_idle(max(0.0, left() - 0.5))
+        for front_end in self._front_ends:
+            front_end.wait_idle(max(0.0, left() - 0.5))
         self._server.stop(grace=min(0.5, left())).wait(left() + 0.5)
+        if self.http:
+            self.http.stop()
         self.metrics.stop_http()
 
 
@@ -217,13 +242,15 @@ def serve(config: EngineConfig, options: ServeOptions, engine_factory: Callable 
             _fail(e, 2)
     signals = _Signals()
     try:
-        server = EngineServer(options.host, options.port, options.metrics_port, options.max_concurrent_rpcs)
+        server = EngineServer(options.host, options.port, options.metrics_port, options.max_concurrent_rpcs,
+                              http_port=options.http_port)
     except ServeError as e:
         _fail(e, 1)
     server.start()
     engine = _start_engine(server, config, engine_factory)
     signals.serving = True  # from here on a signal drains instead of exiting at once
     metrics = f"; metrics at :{server.metrics_port}/metrics" if server.metrics_port else ""
+    metrics += f"; OpenAI-compatible HTTP at {server.http.url}/v1" if server.http else ""
     print(f"engine.server: serving {engine.model_name} on {server.address} "
           f"(devices {engine.device_description}{metrics})", flush=True)
     # A timed wait keeps the main thread responsive to signals.

@@ -68,6 +68,11 @@ def summarize(results: list[RequestResult], duration: float, workload: str, pref
     }
 
 
+def _caching(on: bool | None) -> str:
+    """Prefix caching on / off, or "?" for a server that does not say (another OpenAI-compatible server)."""
+    return "?" if on is None else ("on" if on else "off")
+
+
 def _fmt(x, digits: int = 1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -78,7 +83,7 @@ def _stat(run: dict, key: str, stat: str) -> float | None:
 
 _COLUMNS = (  # (header, value of a run)
     ("workload", lambda r: r["workload"]),
-    ("caching", lambda r: "on" if r["prefix_caching"] else "off"),
+    ("caching", lambda r: _caching(r["prefix_caching"])),
     ("reqs", lambda r: str(r["num_requests"])), ("failed", lambda r: str(r["failed"])),
     ("TTFT mean", lambda r: _fmt(_stat(r, "ttft_ms", "mean"))),
     ("TTFT p50", lambda r: _fmt(_stat(r, "ttft_ms", "p50"))),
@@ -148,15 +153,15 @@ def plot(runs: list[dict], path: str) -> None:
         ttft, on = np.sort(run["samples"]["ttft_ms"]), run["prefix_caching"]
         if len(ttft):
             ax_cdf.step(ttft, np.arange(1, len(ttft) + 1) / len(ttft), where="post",
-                        color=f"C{workloads.index(run['workload'])}", linestyle="-" if on else "--",
-                        label=f"{run['workload']} ({'on' if on else 'off'})")
+                        color=f"C{workloads.index(run['workload'])}", linestyle="--" if on is False else "-",
+                        label=f"{run['workload']} ({_caching(on)})")
     ax_cdf.set(xlabel="TTFT (ms)", ylabel="fraction of requests", title="TTFT distribution, prefix caching on vs off")
     ax_cdf.legend(fontsize=8)
-    for on, offset, color in ((False, -0.2, "tab:gray"), (True, 0.2, "tab:green")):
-        xs = [workloads.index(r["workload"]) + offset for r in runs if r["prefix_caching"] == on]
-        ys = [r["output_token_throughput"] for r in runs if r["prefix_caching"] == on]
+    for on, offset, color in ((False, -0.2, "tab:gray"), (True, 0.2, "tab:green"), (None, 0.0, "tab:blue")):
+        xs = [workloads.index(r["workload"]) + offset for r in runs if r["prefix_caching"] is on]
+        ys = [r["output_token_throughput"] for r in runs if r["prefix_caching"] is on]
         if xs:
-            ax_bar.bar(xs, ys, width=0.4, color=color, label=f"caching {'on' if on else 'off'}")
+            ax_bar.bar(xs, ys, width=0.4, color=color, label=f"caching {_caching(on)}")
     ax_bar.set_xticks(range(len(workloads)), workloads, fontsize=8)
     ax_bar.set(ylabel="output tokens / s", title="Output token throughput")
     ax_bar.legend(fontsize=8)

@@ -4,7 +4,8 @@
         channel = grpc.insecure_channel(server.target)
         ... scrape_counters(server.metrics_url) ...
 
-The server gets `--port=0` (it prints the port it picked) and a free `--metrics-port`; start-up waits for
+The server gets `--port=0` (it prints the port it picked), a free `--metrics-port` and a free `--http-port`
+(its OpenAI-compatible API at `http_url`); start-up waits for
 that line and a SERVING health check, and fails with the server's stderr tail if it exits or times out.
 """
 from __future__ import annotations
@@ -20,13 +21,23 @@ import tempfile
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SERVING_LINE = re.compile(r"serving .* on (\S+):(\d+)")
-_RESERVED_FLAGS = ("--port", "--metrics-port", "--host")
+_RESERVED_FLAGS = ("--port", "--metrics-port", "--http-port", "--host")
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What the benchmark knows of the server it measures (None: the server does not say)."""
+    name: str
+    max_length: int | None
+    prefix_caching: bool | None
+    ours: bool                      # this engine (gRPC, or its HTTP front end): its /metrics can be read
 
 
 class ServerStartError(RuntimeError):
@@ -34,9 +45,19 @@ class ServerStartError(RuntimeError):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct ports free right now (all held open together, so none is handed out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def split_flags(flags: str | list[str]) -> list[str]:
@@ -54,7 +75,7 @@ class LaunchedServer:
     def __init__(self, flags: str | list[str], timeout: float = 900.0, log_path: str | None = None):
         self.flags = split_flags(flags)
         self.timeout = timeout
-        self.target = self.metrics_url = None
+        self.target = self.metrics_url = self.http_url = None
         self._log_path = log_path
         self._proc = self._stderr = None
         self._address = threading.Event()
@@ -68,7 +89,7 @@ class LaunchedServer:
 
     def start(self) -> None:
         """Spawns the server and blocks until it is SERVING; ServerStartError otherwise."""
-        metrics_port = free_port()
+        metrics_port, http_port = free_ports(2)
         # Append mode: the server shares this file's offset, and O_APPEND keeps its writes at the end even
         # while stderr_tail() seeks back to read.
         if self._log_path:
@@ -76,11 +97,12 @@ class LaunchedServer:
         self._stderr = (open(self._log_path, "a+") if self._log_path
                         else tempfile.TemporaryFile("a+", prefix="engine-server-"))
         cmd = [sys.executable, "-m", "engine.server", *self.flags, "--host=127.0.0.1", "--port=0",
-               f"--metrics-port={metrics_port}"]
+               f"--metrics-port={metrics_port}", f"--http-port={http_port}"]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
         self._proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=self._stderr,
                                       text=True)
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        self.http_url = f"http://127.0.0.1:{http_port}"
         threading.Thread(target=self._read_stdout, daemon=True).start()
         try:
             self._wait_serving(time.monotonic() + self.timeout)

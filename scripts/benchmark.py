@@ -1,4 +1,5 @@
-"""Serving benchmark for the engine's gRPC server: latency (TTFT, TPOT, ITL, E2E), throughput, prefix-cache hits.
+"""Serving benchmark: latency (TTFT, TPOT, ITL, E2E), throughput and prefix-cache hits of the engine's gRPC
+server, or of any OpenAI-compatible server (ours, vLLM, SGLang, MAX, llama.cpp) with `--backend openai`.
 
     # against a running server (its /metrics gives the prefix-cache hit rate)
     python scripts/benchmark.py --target localhost:50051 --metrics-url http://localhost:9090/metrics \\
@@ -6,10 +7,14 @@
     # launch the server itself; caching off, then on, side by side
     python scripts/benchmark.py --launch "--devices=cpu --kv-cache-page-size=128" --compare-prefix-caching \\
         --workload shared-prefix,multi-turn --output results/bench.json
+    # any OpenAI-compatible server (streamed /v1/completions); the same workloads, JSON and PNG
+    python scripts/benchmark.py --backend openai --target http://localhost:8000 --workload multi-turn
 
-Prompts are sent as `prompt_token_ids` built with the model's tokenizer (lengths exact) and every request
-sets ignore_eos (output lengths exact). Workloads: scripts/bench_workloads.py; figures and the JSON/PNG:
-scripts/bench_report.py. Latencies are client-side: TTFT = the first response message carrying tokens.
+gRPC prompts are `prompt_token_ids` built with the model's tokenizer (lengths exact) and every request
+sets ignore_eos (output lengths exact); the openai backend sends the same prompts as text (or token ids
+with --openai-prompt tokens) and, to servers that accept them, ignore_eos and cache_salt (scripts/
+bench_openai.py). Workloads: scripts/bench_workloads.py; figures and the JSON/PNG: scripts/bench_report.py.
+Latencies are client-side: TTFT = the first streamed message carrying tokens.
 Exit status 1 when the server cannot start or be reached, or when any request failed.
 """
 from __future__ import annotations
@@ -30,9 +35,9 @@ import grpc
 from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from anywhere in the checkout
-from engine.v1 import engine_pb2 as pb  # noqa: E402
-from engine.v1 import engine_pb2_grpc  # noqa: E402
 from scripts import bench_report, bench_workloads  # noqa: E402
+from scripts.bench_grpc import GrpcBackend  # noqa: E402
+from scripts.bench_openai import OpenAIBackend  # noqa: E402
 from scripts.bench_report import RequestResult  # noqa: E402
 from scripts.bench_server import LaunchedServer, ServerStartError, scrape_counters  # noqa: E402
 from scripts.bench_workloads import Session, WorkloadSpec  # noqa: E402
@@ -52,9 +57,18 @@ def _join_launch(argv: list[str]) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--target", help="a running server, host:port")
+    where.add_argument("--target", help="a running server: host:port (grpc), http://host:port (openai)")
     where.add_argument("--launch", metavar="FLAGS", help='start `python -m engine.server FLAGS` ("" = defaults)')
-    p.add_argument("--metrics-url", help="the --target server's /metrics (for the hit rate)")
+    p.add_argument("--backend", choices=("grpc", "openai"), default="grpc",
+                   help="grpc: engine.v1 Generate; openai: streamed /v1/completions (any OpenAI-compatible server)")
+    p.add_argument("--openai-prompt", choices=("text", "tokens"), default="text",
+                   help="openai backend: prompts as text (any server) or token ids (ours, vLLM)")
+    p.add_argument("--openai-extensions", choices=("auto", "on", "off"), default="auto",
+                   help="openai backend: send ignore_eos and cache_salt (auto: only to our server)")
+    p.add_argument("--openai-extra-body", type=json.loads, default={}, metavar="JSON",
+                   help="openai backend: fields added to every request, e.g. '{\"min_tokens\": 32}' (llama.cpp)")
+    p.add_argument("--metrics-url", help="the --target server's /metrics (for the hit rate; openai backend: "
+                                         "our server's own /metrics by default)")
     p.add_argument("--model-path", help="tokenizer source; default: --model-path in --launch, else the embedded model")
     p.add_argument("--launch-timeout", type=float, default=900.0, help="seconds to wait for SERVING")
     p.add_argument("--server-log", help="with --launch: write the server's stderr here (default: kept in memory, "
@@ -90,40 +104,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def send(stub, prompt: list[int], output_len: int, salt: str, timeout: float) -> tuple[RequestResult, list[int]]:
-    """One streamed Generate; returns its timings and the generated token ids."""
-    sampling = pb.SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    request = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=prompt), sampling=sampling, cache_salt=salt)
-    result, tokens, last = RequestResult(ok=False, prompt_len=len(prompt)), [], None
-    start = previous = time.perf_counter()
-    try:
-        for response in stub.Generate(request, timeout=timeout):
-            now = time.perf_counter()
-            if response.token_ids:
-                if result.ttft is None:
-                    result.ttft = now - start
-                else:  # tokens arriving together share the gap, as the server's own ITL histogram does
-                    result.itls.extend([(now - previous) / len(response.token_ids)] * len(response.token_ids))
-                previous = now
-                tokens.extend(response.token_ids)
-            last = response
-    except grpc.RpcError as e:
-        result.error = f"{e.code().name}: {e.details()}"
-        return result, tokens
-    result.e2e = time.perf_counter() - start
-    reason = pb.GenerateResponse.FinishReason.Name(last.finish_reason) if last else "no response"
-    result.output_len, result.cached_prompt_tokens = len(tokens), last.usage.cached_prompt_tokens if last else 0
-    result.ok = reason in ("LENGTH", "STOP") and result.ttft is not None
-    result.error = "" if result.ok else f"finished with {reason} after {len(tokens)} tokens"
-    return result, tokens
-
-
-def run_session(stub, session: Session, salt: str, timeout: float, bar) -> list[RequestResult]:
+def run_session(backend, session: Session, salt: str, bar) -> list[RequestResult]:
     """Sends the turns in order, each with the whole history; a failed turn fails the turns after it."""
     history, results = [], []
     for i, turn in enumerate(session.turns):
         history.extend(turn.new_tokens)
-        result, answer = send(stub, history, turn.output_len, salt, timeout)
+        result, answer = backend.send(history, turn.output_len, salt)
         results.append(result)
         bar.update(1)
         if not result.ok:
@@ -135,7 +121,7 @@ def run_session(stub, session: Session, salt: str, timeout: float, bar) -> list[
     return results
 
 
-def run_sessions(stub, sessions: list[Session], args, salt: str, desc: str) -> tuple[list[RequestResult], float]:
+def run_sessions(backend, sessions: list[Session], args, salt: str, desc: str) -> tuple[list[RequestResult], float]:
     """Runs every session (Poisson starts at --request-rate, at most --max-concurrency at once);
     returns the requests' results and the wall time from the first send to the last reply."""
     rng = random.Random(args.seed)
@@ -147,7 +133,7 @@ def run_sessions(stub, sessions: list[Session], args, salt: str, desc: str) -> t
         for i, session in enumerate(sessions):
             if i and math.isfinite(args.request_rate):  # exponential gaps between starts: Poisson arrivals
                 time.sleep(rng.expovariate(args.request_rate))
-            futures.append(pool.submit(run_session, stub, session, salt, args.request_timeout, bar))
+            futures.append(pool.submit(run_session, backend, session, salt, bar))
         results = [r for f in futures for r in f.result()]
     return results, time.perf_counter() - start
 
@@ -158,20 +144,26 @@ def spec_from(args) -> WorkloadSpec:
 
 def check_fits(sessions: list[Session], info, workload: str) -> None:
     longest = max((s.total_len() for s in sessions), default=0)
-    if longest > info.max_length:
+    if info.max_length is not None and longest > info.max_length:
         raise ValueError(f"workload {workload} needs sequences of {longest} tokens but the server's --max-length "
                          f"is {info.max_length}: shorten the workload (e.g. --system-prompt-len) or raise it")
+
+
+def make_backend(args, target: str, tokenizer):
+    if args.backend == "openai":
+        extensions = {"auto": None, "on": True, "off": False}[args.openai_extensions]
+        return OpenAIBackend(target, tokenizer, args.request_timeout, args.openai_prompt, extensions,
+                             args.openai_extra_body)
+    return GrpcBackend(target, tokenizer, args.request_timeout)
 
 
 def bench_server(target: str, metrics_url: str | None, tokenizer, args, server_flags: str | None) -> list[dict]:
     """Every workload of `args` against one server, in order; one run record each."""
     runs = []
-    with grpc.insecure_channel(target) as channel:
-        stub = engine_pb2_grpc.EngineStub(channel)
-        info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
-        if info.vocab_size != tokenizer.vocab_size:
-            raise ValueError(f"the server's model has {info.vocab_size} tokens but the tokenizer read from "
-                             f"--model-path has {tokenizer.vocab_size}: pass the served model's --model-path")
+    backend = make_backend(args, target, tokenizer)
+    try:
+        info = backend.info()
+        metrics_url = metrics_url or backend.metrics_url
         spec = spec_from(args)
         for workload in args.workloads:
             sessions = bench_workloads.build(workload, tokenizer, spec, args.seed)
@@ -179,16 +171,18 @@ def bench_server(target: str, metrics_url: str | None, tokenizer, args, server_f
             if args.warmup_requests:  # first turns of other prompts, under their own salt: no cache warm-up
                 warm = bench_workloads.build(workload, tokenizer, spec, args.seed + 1)[:args.warmup_requests]
                 warm = [Session(s.turns[:1]) for s in warm]
-                run_sessions(stub, warm, args, f"warmup-{uuid.uuid4()}", f"{workload} warm-up")
+                run_sessions(backend, warm, args, f"warmup-{uuid.uuid4()}", f"{workload} warm-up")
             salt = args.cache_salt if args.cache_salt is not None else f"bench-{uuid.uuid4()}"
             before = scrape_counters(metrics_url)
-            results, duration = run_sessions(stub, sessions, args, salt, workload)
+            results, duration = run_sessions(backend, sessions, args, salt, workload)
             run = bench_report.summarize(results, duration, workload, info.prefix_caching,
                                          (before, scrape_counters(metrics_url)))
-            run.update(model=info.name, server_flags=server_flags, target=target, seed=args.seed,
-                       max_concurrency=args.max_concurrency, request_rate=_finite(args.request_rate),
+            run.update(model=info.name, server_flags=server_flags, target=target, backend=backend.name,
+                       seed=args.seed, max_concurrency=args.max_concurrency, request_rate=_finite(args.request_rate),
                        workload_params=bench_workloads.workload_params(workload, spec))
             runs.append(run)
+    finally:
+        backend.close()
     return runs
 
 
@@ -204,8 +198,9 @@ def _without_caching_flag(flags: list[str]) -> list[str]:
 def launch_and_bench(flags: list[str], tokenizer, args, log_suffix: str = "") -> list[dict]:
     log = args.server_log and args.server_log + log_suffix
     with LaunchedServer(flags, timeout=args.launch_timeout, log_path=log) as server:
-        print(f"benchmark: {server.describe()} serving on {server.target}", file=sys.stderr)
-        return bench_server(server.target, server.metrics_url, tokenizer, args, " ".join(flags))
+        target = server.http_url if args.backend == "openai" else server.target
+        print(f"benchmark: {server.describe()} serving on {target}", file=sys.stderr)
+        return bench_server(target, server.metrics_url, tokenizer, args, " ".join(flags))
 
 
 def run_all(args, tokenizer) -> tuple[list[dict], list[dict]]:

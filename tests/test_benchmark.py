@@ -122,3 +122,62 @@ def test_stats_and_hit_rate():
     assert bench_report.hit_rate({q: 100, h: 10}, {q: 300, h: 160}) == 0.75
     assert bench_report.hit_rate({q: 5, h: 5}, {q: 5, h: 5}) == 0.0
     assert bench_report.hit_rate(None, None) is None
+
+
+def test_openai_backend_runs_the_same_workloads_as_grpc(tiny_gguf, tmp_path):
+    """One launched server, measured over gRPC and over its OpenAI-compatible HTTP API (token-id and text
+    prompts): the same token totals, and the hit rate read from the server's own /metrics."""
+    from scripts.bench_server import LaunchedServer, split_flags
+    flags = split_flags(f"--model-path={tiny_gguf} {SERVER_FLAGS} --enable-prefix-caching")
+    args = ["--workload=shared-prefix,multi-turn", *WORKLOAD_ARGS, f"--model-path={tiny_gguf}"]
+    reports = {}
+    with LaunchedServer(flags, timeout=600) as server:
+        for name, extra in (("grpc", [f"--target={server.target}", f"--metrics-url={server.metrics_url}"]),
+                            ("tokens", [f"--target={server.http_url}", "--backend=openai", "--openai-prompt=tokens"]),
+                            ("text", [f"--target={server.http_url}", "--backend=openai"])):
+            out = tmp_path / f"{name}.json"
+            assert benchmark.main([*extra, *args, f"--output={out}"]) == 0
+            reports[name] = {r["workload"]: r for r in json.loads(out.read_text())["runs"]}
+    for name, runs in reports.items():
+        for run in runs.values():
+            _check_run(run)
+            assert run["backend"] == ("grpc" if name == "grpc" else "openai") and run["prefix_caching"] is True
+        assert runs["shared-prefix"]["total_prompt_tokens"] == 12 * (96 + 8)   # text re-tokenizes exactly
+        assert runs["shared-prefix"]["total_output_tokens"] == 12 * 4          # ignore_eos sent to our server
+        assert runs["shared-prefix"]["prefix_cache_hit_rate"] > 0.5
+        assert runs["shared-prefix"]["cached_prompt_token_ratio"] > 0.5       # from usage.cached_tokens
+        assert runs["multi-turn"]["prefix_cache_hit_rate"] > 0.3
+    for workload in ("shared-prefix", "multi-turn"):  # token ids over HTTP: exactly what gRPC sends
+        assert reports["tokens"][workload]["total_prompt_tokens"] == reports["grpc"][workload]["total_prompt_tokens"]
+    assert os.path.getsize(tmp_path / "text.png") > 0
+
+
+def test_openai_backend_sends_only_standard_fields_to_other_servers(monkeypatch):
+    """Against a server that is not ours: text prompts, no ignore_eos / cache_salt, no /metrics scraping."""
+    from engine.config import EngineConfig
+    from scripts.bench_openai import OpenAIBackend
+    from tests.fake_engine import FakeEngine
+    from tests.http_helpers import serving
+    monkeypatch.setattr("engine.http_server.OWNED_BY", "someone-else")
+    engine = FakeEngine(EngineConfig(max_length=64), eos_token_id=ord("e"))
+    with serving(engine) as served:
+        backend = OpenAIBackend(served.url, _Chars(), timeout=30, extra_body={"top_k": 3})
+        info = backend.info()
+        assert (info.name, info.ours, backend.metrics_url) == ("fake-model", False, None)
+        payload = backend._payload([ord("a"), ord("b")], 8, "salt")
+        result, answer = backend.send([ord("a"), ord("b")], 8, "salt")
+        backend.close()
+    assert payload == {"model": "fake-model", "prompt": "ab", "max_tokens": 8, "temperature": 0.0, "stream": True,
+                       "stream_options": {"include_usage": True}, "top_k": 3}
+    # "ab" continues "cde" and stops at the EOS "e" (whose text the fake leaves out): no ignore_eos was sent
+    assert result.ok and result.output_len == 3 and answer == [ord("c"), ord("d")] and result.prompt_len == 2
+    assert result.ttft is not None and len(result.itls) == 1
+
+
+class _Chars:
+    """The fake engine's tokenizer (a token per character) with the real one's signatures."""
+    def encode(self, text, add_special_tokens=True):
+        return [ord(c) for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)

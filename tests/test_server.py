@@ -352,7 +352,8 @@ def test_metrics_endpoint_counts_requests_and_reads_engine_stats():
 # --- the command line (subprocesses) ----------------------------------------------------------------
 
 def _server_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "engine.server", *args]
+    # --http-port=0: the default 8000 would make parallel runs (and a running `make serve`) collide.
+    return [sys.executable, "-m", "engine.server", "--http-port=0", *args]
 
 
 BAD_FLAGS = {
@@ -427,7 +428,7 @@ FAKE_SERVER = ("import sys; from engine.server import run; from tests.fake_engin
 
 
 def test_sigterm_drains_in_flight_streams_refuses_new_ones_and_exits_0():
-    proc = subprocess.Popen([sys.executable, "-c", FAKE_SERVER, "--port=0"], cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_SERVER, "--port=0", "--http-port=0"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
