@@ -72,7 +72,7 @@ class EngineResponse(Response):
         self._done = True
         if self._timer is not None:
             self._timer.on_finish(FinishReason.ABORT)
-        self._engine.abort(self._call.request_id)
+        self._engine.abort(self._call.request_id, self._stream)  # this call's request only, never a newer one
 
     async def _next(self) -> list[RequestOutput] | None:
         """The next outputs (everything available, at least one); None once the client is gone."""

@@ -39,7 +39,7 @@ def serving(engine, metrics: bool = False):
     finally:
         client.close()
         channel.close()
-        server.shutdown(grace=0)
+        server.shutdown(timeout=0)
 
 
 def sse_events(body: str) -> list:

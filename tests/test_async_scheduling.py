@@ -103,3 +103,30 @@ def test_one_device_call_per_engine_step(engines, monkeypatch):
         assert len(calls) - before == (1 if out.decodes or out.prefills else 0)
         mixed += bool(out.decodes and out.prefills)
     assert mixed >= 1 and len(calls) > 5
+
+
+def test_a_long_prompt_is_chunked_while_16_streams_each_get_a_token_every_step(tiny_gguf):
+    """Chunking stays fair: while a 600-token prompt is prefilled (64-token steps, 16 of them decodes), every
+    one of 16 decoding streams gets a token on every step until the long prompt's first token."""
+    llm = LLM(tiny_gguf, max_batch_size=17, max_num_batched_tokens=64, max_length=700, kv_cache_page_size=16,
+              kv_cache_pages=200)
+    eng = llm.engine
+    streams = [eng.add_request(Request(f"s{i}", tuple(p), SamplingParams(max_tokens=200, ignore_eos=True)))
+               for i, p in enumerate(prompts(16, seed=5))]
+    while not all(s.drain() for s in streams):        # every stream has started decoding
+        eng.step()
+    long_prompt = tuple(int(t) for t in np.random.default_rng(6).integers(3, 300, 600))
+    long = eng.add_request(Request("long", long_prompt, SamplingParams(max_tokens=1)))
+    steps = 0
+    while True:
+        eng.step()
+        steps += 1
+        outs = long.drain()
+        if outs and any(o.new_token_ids for o in outs):
+            break
+        assert all(sum(len(o.new_token_ids) for o in s.drain()) == 1 for s in streams), f"step {steps}"
+    assert steps >= 600 // 48                          # 48 prefill tokens a step at most
+    for s in streams:
+        eng.abort(s.request_id)
+    while eng.has_unfinished():
+        eng.step()
