@@ -50,6 +50,11 @@ def _choice(name: str, value, allowed) -> None:
         raise ValueError(f"--{name}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
 
 
+# --max-batch-size / --max-num-batched-tokens when unset: a GPU has the compute to batch far more rows and
+# tokens per step than 2 CPU cores, where a step's time grows with its tokens (README: figures).
+DEVICE_DEFAULTS = {"cpu": (32, 512), "gpu": (256, 8192)}
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Engine options; field names are the server flags in snake_case (DESIGN.md § Contracts)."""
@@ -59,9 +64,9 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     kv_cache_page_size: int = 128
     quantization_encoding: str | None = None  # None: float32 on CPU, bfloat16 on GPU
-    max_batch_size: int = 32
+    max_batch_size: int | None = None        # None: DEVICE_DEFAULTS for the device
     max_length: int | None = None            # None: min(model context, 4096)
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int | None = None  # None: DEVICE_DEFAULTS for the device
     kv_cache_pages: int | None = None        # None: sized from device_memory_utilization
     device_memory_utilization: float = 0.9
     attention_backend: str = "auto"
@@ -86,7 +91,7 @@ class EngineConfig:
                              f"got --cache-strategy={self.cache_strategy!r}")
         for name in ("max_batch_size", "max_num_batched_tokens", "max_waiting_requests", "max_stop_strings",
                      "max_stop_string_length"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} is not allowed; it must be >= 1")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"--max-length={self.max_length} is not allowed; it must be >= 2")

@@ -26,9 +26,10 @@ ENGINE_FLAGS = (
     ("kv-cache-page-size", "integer", "Tokens per KV page; a positive multiple of 16."),
     ("quantization-encoding", "string", f"Weights: {' | '.join(DTYPES)} (q8_0: int8 kept in memory). Default: "
                                         "float32 on CPU, bfloat16 on GPU."),
-    ("max-batch-size", "integer", "Most sequences decoded in one step."),
+    ("max-batch-size", "integer", "Most sequences decoded in one step. Default: 32 on CPU, 256 on GPU."),
     ("max-length", "integer", "Longest sequence (prompt + completion). Default: min(model context, 4096)."),
-    ("max-num-batched-tokens", "integer", "Token budget of one step (prefill chunks + decodes)."),
+    ("max-num-batched-tokens", "integer", "Token budget of one step (prefill chunks + decodes). Default: 512 on "
+                                          "CPU, 8192 on GPU."),
     ("kv-cache-pages", "integer", "KV pool size in pages. Default: sized from --device-memory-utilization."),
     ("device-memory-utilization", "float", "Fraction of device memory the engine may use, in (0, 1]."),
     ("attention-backend", "string", f"{' | '.join(ATTENTION_BACKENDS)}; pallas on CPU runs in interpret mode."),

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
-from engine.config import EngineConfig, ModelConfig
+from engine.config import DEVICE_DEFAULTS, EngineConfig, ModelConfig
 from engine.devices import describe, select_devices
 from engine.gguf_loader import load_gguf, resolve_model_path
 from engine.runner import Buckets, ModelRunner
@@ -75,6 +75,9 @@ def resolve_config(config: EngineConfig, mc: ModelConfig, device, num_params: in
     what the device has left once the weights are resident in the dtype actually used)."""
     dtype = resolve_dtype(config, device)
     params_bytes = num_params * bytes_per_parameter(dtype)
+    batch, tokens = DEVICE_DEFAULTS["cpu" if device.platform == "cpu" else "gpu"]
+    config = dataclasses.replace(config, max_batch_size=config.max_batch_size or batch,
+                                 max_num_batched_tokens=config.max_num_batched_tokens or tokens)
     max_length = config.max_length or min(mc.max_position, DEFAULT_MAX_LENGTH)
     if max_length > mc.max_position:
         raise ValueError(f"--max-length={max_length} exceeds the model's context length {mc.max_position}")

@@ -64,7 +64,8 @@ class FakeEngine:
         config = config or EngineConfig()
         self.config = config.replace(quantization_encoding=config.quantization_encoding or "float32",
                                      max_length=config.max_length or 64, kv_cache_pages=config.kv_cache_pages or 256,
-                                     devices=config.devices or "cpu:0")
+                                     devices=config.devices or "cpu:0", max_batch_size=config.max_batch_size or 32,
+                                     max_num_batched_tokens=config.max_num_batched_tokens or 512)
         self.model_name = "fake-model"
         self.model_config = ModelConfig(
             architecture="fake", name=self.model_name, vocab_size=vocab_size, hidden_size=8, intermediate_size=16,
