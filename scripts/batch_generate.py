@@ -151,7 +151,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-prefix-caching", action="store_true", help="offline: turn prefix caching off")
     engine = p.add_argument_group("offline engine flags (as `python -m engine.server`)")
     for name, kind, help_text in ENGINE_FLAGS:
-        if name not in _SKIPPED_ENGINE_FLAGS:
+        if name in _SKIPPED_ENGINE_FLAGS:
+            continue
+        if kind == "bool":   # --async-scheduling / --no-async-scheduling; unset keeps the engine's default
+            engine.add_argument("--" + name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
             engine.add_argument("--" + name, type=_ARG_TYPES[kind], help=help_text)
     args = p.parse_args(argv)
     args.engine_options = {name.replace("-", "_"): getattr(args, name.replace("-", "_"))
