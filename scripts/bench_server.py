@@ -44,10 +44,6 @@ class ServerStartError(RuntimeError):
     """The launched server died or did not become SERVING in time; the message holds its stderr tail."""
 
 
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
 def free_ports(n: int) -> list[int]:
     """`n` distinct ports free right now (all held open together, so none is handed out twice)."""
     socks = [socket.socket() for _ in range(n)]
