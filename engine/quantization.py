@@ -45,21 +45,35 @@ def quantize_weight(w: np.ndarray, per_row: bool = False) -> QuantizedWeight:
     return QuantizedWeight(q, scale)
 
 
-def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-row symmetric int8 of activations x [M, K] float32 -> (int8 [M, K], float32 scale [M])."""
-    amax = jnp.max(jnp.abs(x), axis=-1)
+# Activations get one int8 scale per ACT_GROUP consecutive input features of a token (llama.cpp quantizes
+# its activations per 32): one scale per token flipped SmolLM2's near-tie first answer token ("The" vs "L",
+# FACTS.md) and derailed the answer, while groups of 64 keep it. A dimension that 64 does not divide falls
+# back to one group per token.
+ACT_GROUP = 64
+
+
+def quantize_groups(x: jax.Array, group: int) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 of activations x [M, K] float32 per group of `group` features -> (int8 [M, K/g, g],
+    float32 scale [M, K/g])."""
+    M, K = x.shape
+    xg = x.reshape(M, K // group, group)
+    amax = jnp.max(jnp.abs(xg), axis=-1)
     scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    return jnp.clip(jnp.round(x / scale[:, None]), -127, 127).astype(jnp.int8), scale
+    return jnp.clip(jnp.round(xg / scale[..., None]), -127, 127).astype(jnp.int8), scale
 
 
 def int8_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
-    """x [M, K] float32 @ w (int8 [K, N], scale [N]) -> float32 [M, N], via an s8 x s8 -> s32 dot."""
-    M = x.shape[0]
+    """x [M, K] float32 @ w (int8 [K, N], scale [N]) -> float32 [M, N]: an s8 x s8 -> s32 dot per activation
+    group ([K/g] batched dots of [M, g] x [g, N]), each rescaled by its group's scale, summed."""
+    M, K = x.shape
     if M == 1:   # XLA CPU widens both operands to s32 at M = 1 instead of using its int8 kernel
         return int8_matmul(jnp.concatenate([x, jnp.zeros_like(x)]), w)[:1]
-    xq, sx = quantize_rows(x)
-    acc = jax.lax.dot_general(xq, w.q, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-    return acc.astype(jnp.float32) * sx[:, None] * w.scale[None, :]
+    group = ACT_GROUP if K % ACT_GROUP == 0 else K
+    xq, sx = quantize_groups(x, group)                                  # [M, G, g], [M, G]
+    wq = w.q.reshape(K // group, group, w.q.shape[1])                   # [G, g, N]: a free reshape
+    acc = jax.lax.dot_general(xq, wq, (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32)  # [G, M, N]
+    y = jnp.einsum("gmn,mg->mn", acc.astype(jnp.float32), sx)
+    return y * w.scale[None, :]
 
 
 def dense(x: jax.Array, w, *, int8_activations: bool, out_dtype=None) -> jax.Array:
