@@ -25,20 +25,21 @@ def _describe(array) -> dict:
             "num_shards": len(array.addressable_shards)}
 
 
-def generate(model_path: str, devices: str, backend: str = "reference") -> dict:
+def generate(model_path: str, devices: str, backend: str = "reference", encoding: str = "float32") -> dict:
     """Greedy tokens for prompts sharing a prefix, run twice (the second round hits the prefix cache)."""
     from engine import LLM, SamplingParams
-    llm = LLM(model_path, devices=devices, attention_backend=backend, **OPTS)
+    llm = LLM(model_path, devices=devices, attention_backend=backend, quantization_encoding=encoding, **OPTS)
     prompts = [PREFIX + s for s in SUFFIXES]
     sp = SamplingParams(max_tokens=8, ignore_eos=True)
     first = llm.generate(prompts, sp)
     second = llm.generate(prompts, sp)
     runner = llm.engine.runner
-    layer = runner.params["layers"][1]
+    layer = {k: (w.q if hasattr(w, "q") else w) for k, w in runner.params["layers"][1].items()}
+    scales = {k + "_scale": _describe(w.scale) for k, w in runner.params["layers"][1].items() if hasattr(w, "scale")}
     return {"tokens": [list(o.token_ids) for o in first], "again": [list(o.token_ids) for o in second],
             "cached": [o.cached_prompt_tokens for o in second], "devices": llm.engine.device_description,
             "num_layers": len(runner.params["layers"]),
-            **{name: _describe(w) for name, w in layer.items()},
+            **{name: _describe(w) for name, w in layer.items()}, **scales,
             "embed": _describe(runner.params["embed"]),
             "k_cache": _describe(runner.k_pools[1]), "v_cache": _describe(runner.v_pools[1])}
 

@@ -107,7 +107,9 @@ def sharded_runs(tiny_gguf_factory, tmp_path_factory):
     jobs = {"distributed": ["initialize", f"127.0.0.1:{port}"], "tp1": ["generate", tp, "cpu:0"], "tp2": ["generate", tp, "cpu:0,1"],
             "tp4": ["generate", tp, "cpu:0,1,2,3"], "kv2_1": ["generate", kv2, "cpu:0"],
             "kv2_4": ["generate", kv2, "cpu:0,1,2,3"], "heads6_4": ["error", h6, "cpu:0,1,2,3"],
-            "restore2": ["restore", ckpt, "cpu:0,1"], "tp2_pallas": ["generate", tp, "cpu:0,1", "pallas"]}
+            "restore2": ["restore", ckpt, "cpu:0,1"], "tp2_pallas": ["generate", tp, "cpu:0,1", "pallas"],
+            "q8_1": ["generate", tp, "cpu:0", "reference", "q8_0"],
+            "q8_2": ["generate", tp, "cpu:0,1", "reference", "q8_0"]}
     return dict(zip(jobs, run_driver(tmp, list(jobs.values()))))
 
 
@@ -140,6 +142,15 @@ def test_params_and_kv_pages_are_really_sharded(sharded_runs, run, n):
     for cache in ("k_cache", "v_cache"):
         assert r[cache] == {"spec": [None, None, "model", None], "shards": [[48, 16, 4 // n, 16]],
                             "num_shards": n}
+
+
+def test_q8_0_shards_int8_weights_with_their_scales_and_matches_one_device(sharded_runs):
+    one, two = sharded_runs["q8_1"], sharded_runs["q8_2"]
+    assert two["tokens"] == one["tokens"] and two["again"] == one["tokens"]
+    assert two["wqkv"]["shards"] == [[128, 128]] and two["wqkv_scale"] == {"spec": ["model"], "shards": [[128]],
+                                                                           "num_shards": 2}
+    assert two["wo"]["spec"] == ["model", None] and two["wo_scale"] == {"spec": [None], "shards": [[128]],
+                                                                        "num_shards": 2}
 
 
 def test_kv_heads_not_dividing_replicates_kv_and_still_matches(sharded_runs):
