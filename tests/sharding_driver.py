@@ -40,7 +40,7 @@ def generate(model_path: str, devices: str, backend: str = "reference", encoding
             "cached": [o.cached_prompt_tokens for o in second], "devices": llm.engine.device_description,
             "num_layers": len(runner.params["layers"]),
             **{name: _describe(w) for name, w in layer.items()}, **scales,
-            "embed": _describe(runner.params["embed"]),
+            "embed": _describe(getattr(runner.params["embed"], "q", runner.params["embed"])),
             "k_cache": _describe(runner.k_pools[1]), "v_cache": _describe(runner.v_pools[1])}
 
 
