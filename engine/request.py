@@ -58,22 +58,6 @@ class DuplicateRequestError(ValueError):
     """A request with this request_id is already in flight (gRPC INVALID_ARGUMENT)."""
 
 
-class EngineUnavailableError(RuntimeError):
-    """The engine is shut down, dead or draining: it admits nothing (gRPC UNAVAILABLE, HTTP 503)."""
-
-
-class ErrorCode(str, enum.Enum):
-    INTERNAL = "internal"        # an engine fault killed this request (gRPC INTERNAL, HTTP 500)
-    UNAVAILABLE = "unavailable"  # the engine is restarting/stopped/draining (gRPC UNAVAILABLE, HTTP 503)
-
-
-@dataclass(frozen=True)
-class RequestError:
-    """Why the engine ended a request abnormally; set on its final output (finish_reason ABORT)."""
-    code: ErrorCode
-    message: str
-
-
 @dataclass(frozen=True)
 class Request:
     request_id: str
