@@ -19,7 +19,11 @@ def _platform_devices(kind: str) -> list:
 
 
 def select_devices(spec: str | None) -> list:
-    """Returns the jax devices named by `spec`; ValueError naming the value and the allowed forms."""
+    """Returns the jax devices named by `spec`; ValueError naming the value and the allowed forms. In a
+    multi-process runtime `spec` names each process's own devices (ids index its local devices; no ids:
+    all of them) and the result is every process's selection, in process order: the mesh spans them all."""
+    if jax.process_count() > 1:
+        return _every_process(spec)
     if spec is None or spec == "":
         gpus = _platform_devices("gpu")
         return gpus[:1] if gpus else jax.devices("cpu")[:1]
@@ -43,6 +47,25 @@ def select_devices(spec: str | None) -> list:
     return [found[i] for i in wanted]
 
 
+def _every_process(spec: str | None) -> list:
+    kind, _, ids = (spec or ("gpu" if _platform_devices("gpu") else "cpu")).partition(":")
+    if kind not in ("cpu", "gpu"):
+        raise ValueError(f"--devices={spec!r} is not allowed; use one of {ALLOWED}")
+    found = _platform_devices(kind)
+    per_process = [sorted((d for d in found if d.process_index == p), key=lambda d: d.id)
+                   for p in range(jax.process_count())]
+    wanted = [int(i) for i in ids.split(",")] if ids else None
+    out = []
+    for p, local in enumerate(per_process):
+        pick = wanted if wanted is not None else range(len(local))
+        if not local or any(not 0 <= i < len(local) for i in pick):
+            raise ValueError(f"--devices={spec!r}: process {p} has {len(local)} {kind} device(s); ids index each "
+                             "process's own devices")
+        out += [local[i] for i in pick]
+    return out
+
+
 def describe(devices: list) -> str:
     kind = "gpu" if devices[0].platform in ("gpu", "cuda") else devices[0].platform
-    return f"{kind}:" + ",".join(str(d.id) for d in devices)
+    processes = len({d.process_index for d in devices})
+    return f"{kind}:" + ",".join(str(d.id) for d in devices) + (f" over {processes} processes" if processes > 1 else "")

@@ -20,7 +20,7 @@ import numpy as np
 
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.inbox import Inbox, Pending, fault_output
+from engine.inbox import Abort, Inbox, Pending, ResetPrefixCache, fault_output
 from engine.model_loading import LoadedEngineParts, load_engine_parts
 from engine.output_processor import RequestState
 from engine.request import (EngineUnavailableError, ErrorCode, FinishReason, Request, RequestError, RequestStream,
@@ -37,7 +37,8 @@ MAX_CONSECUTIVE_FAILURES = 3
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, group=None):
+        """`group`: process 0's engine/control_channel.Leader in a multi-process server (None: one process)."""
         parts: LoadedEngineParts = load_engine_parts(config)
         self.config = parts.config                  # every None resolved
         self.model_config = parts.model_config
@@ -57,6 +58,10 @@ class LLMEngine:
         self._rng = np.random.default_rng(self.config.seed)
         self._published = self._read_stats()
         self.warmup_seconds = 0.0
+        self.group = group
+        if group is not None:  # followers launch every step process 0 launches (engine/follower.py)
+            self.runner.mirror = group.broadcast
+            group.on_lost = self.kill
 
     # --- request API (any thread) ---
     def validate(self, request: Request) -> None:
@@ -81,12 +86,12 @@ class LLMEngine:
         """Drops every cached block not in use. Runs in the stepping thread when one is running."""
         if self._thread is None:
             return self.block_manager.reset_prefix_cache()
-        done, result = threading.Event(), []
-        self.inbox.request_reset(result, done)
+        reply = self.inbox.request_reset()
         self._wakeup.set()
-        if not done.wait(timeout=60.0):
-            raise RuntimeError("reset_prefix_cache: the engine loop did not answer within 60 s")
-        return result[0]
+        try:
+            return reply.result(timeout=60.0)
+        except TimeoutError:
+            raise RuntimeError("reset_prefix_cache: the engine loop did not answer within 60 s") from None
 
     def stats(self) -> EngineStats:
         """Counters and gauges. While the loop thread runs, the snapshot it publishes after every step (so a
@@ -119,15 +124,14 @@ class LLMEngine:
 
     # --- the step (one thread at a time) ---
     def _drain_inbox(self) -> None:
-        for kind, *args in self.inbox.drain(self._admit):
-            if kind == "abort":
-                state = args[0]
+        for command in self.inbox.drain(self._admit):
+            if isinstance(command, Abort):
+                state = command.state
                 if self.inbox.states.get(state.seq.request_id) is state:  # still the request it was issued for
                     self.scheduler.finish(state.seq, FinishReason.ABORT)
                     self._finish(state)
-            else:  # "reset"
-                args[0].append(self.block_manager.reset_prefix_cache())
-                args[1].set()
+            else:  # ResetPrefixCache: the cache's bookkeeping lives only here, in process 0 (followers hold
+                command.reply.set_result(self.block_manager.reset_prefix_cache())  # pages, not keys)
 
     def _admit(self, entry: Pending) -> RequestState | None:
         """Hands one request to the scheduler. It succeeds or fails on its own: an error here ends this
@@ -215,6 +219,9 @@ class LLMEngine:
         error = RequestError(ErrorCode.INTERNAL, f"the engine failed while running this request ({describe(e)}); "
                                                  "it was aborted: retry it")
         try:
+            if self.group is not None:  # the followers ran (or lost) this step too: no process can recover alone
+                raise RuntimeError(f"a step failed in a group of {self.group.num_processes} processes "
+                                   f"({self.group.lost or describe(e)}); they must restart together")
             self.runner.recover()  # the donated KV pages may have died with the step: fresh ones if so
             if self._consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
                 raise RuntimeError(f"{self._consecutive_failures} steps failed in a row (last: {describe(e)})")
@@ -255,11 +262,24 @@ class LLMEngine:
             state.stream.put(fault_output(state, error))
         for entry in pending:
             entry.stream.put(entry.final_output(error))
-        for kind, *args in items:
-            if kind == "reset":
-                args[0].append(False)
-                args[1].set()
+        for command in items:
+            if isinstance(command, ResetPrefixCache):
+                command.reply.set_result(False)
         return states
+
+    def kill(self, reason: str) -> None:
+        """From any thread (a follower process died): the engine cannot go on. Every request in flight ends
+        UNAVAILABLE now, new ones are refused and the loop stops, without waiting for a step that may never
+        return (a collective with a dead peer); the scheduler is left alone, the process is about to exit."""
+        if self.inbox.failure is not None or self._stopped.is_set():
+            return
+        self.inbox.stop(failure=reason)
+        log.error("the engine has stopped: %s", reason)
+        self._running = False
+        self._end_streams(RequestError(ErrorCode.UNAVAILABLE, f"the engine stopped: {reason}; retry on a "
+                                                              "restarted server"))
+        self._wakeup.set()
+        self._stopped.set()
 
     # --- background loop (server) ---
     def warmup(self) -> float:
@@ -293,10 +313,9 @@ class LLMEngine:
         states, pending, items = self.inbox.take_all()
         for entry in pending:
             entry.stream.put(entry.final_output())
-        for kind, *args in items:
-            if kind == "reset":
-                args[0].append(self.block_manager.reset_prefix_cache())
-                args[1].set()
+        for command in items:
+            if isinstance(command, ResetPrefixCache):
+                command.reply.set_result(self.block_manager.reset_prefix_cache())
         for state in states:
             self.scheduler.finish(state.seq, FinishReason.ABORT)
             state.stream.put(state.output(finished=True))
@@ -316,9 +335,16 @@ class LLMEngine:
             if self._thread.is_alive():  # stuck inside a step: leave the scheduler alone, but end every stream
                 log.error("engine loop did not stop within %.0f s; ending its streams without it", timeout)
                 self._end_streams(RequestError(ErrorCode.UNAVAILABLE, "the server is shutting down"))
+                self._stop_group()
                 self._stopped.set()
                 return
             self._thread = None
         if self.inbox.failure is None:
             self._abort_all()
+        self._stop_group()
         self._stopped.set()
+
+    def _stop_group(self) -> None:
+        """Shutdown reaches every process: the followers stop once no step will follow."""
+        if self.group is not None:
+            self.group.stop(self.inbox.failure)

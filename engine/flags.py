@@ -58,6 +58,8 @@ SERVE_FLAGS = (
     ("num-processes", "integer", None, "Processes (one per host) in a multi-host server; with "
                                        "--coordinator-address."),
     ("process-id", "integer", None, "This process's index in [0, --num-processes); process 0 serves gRPC."),
+    ("distributed-timeout-seconds", "float", 300.0, "Multi-host start-up: how long every process waits for the "
+                                                   "others to join before failing with the missing process ids."),
 )
 _DEFINE = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer, "float": flags.DEFINE_float,
            "bool": flags.DEFINE_boolean}
@@ -80,6 +82,7 @@ class ServeOptions:
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    distributed_timeout_seconds: float = 300.0
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -175,6 +178,9 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> tuple[Engi
                         "it must be >= 0")
     if value("max-concurrent-rpcs") < 1:
         raise FlagError(f"--max-concurrent-rpcs={value('max-concurrent-rpcs')} is not allowed; it must be >= 1")
+    if not value("distributed-timeout-seconds") > 0:  # NaN too
+        raise FlagError(f"--distributed-timeout-seconds={value('distributed-timeout-seconds')} is not allowed; "
+                        "it must be > 0")
     from engine.distributed import check as check_distributed
     try:
         check_distributed(value("coordinator-address"), value("num-processes"), value("process-id"))
@@ -185,6 +191,7 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> tuple[Engi
                            max_concurrent_rpcs=value("max-concurrent-rpcs"),
                            shutdown_timeout_seconds=value("shutdown-timeout-seconds"),
                            coordinator_address=value("coordinator-address"),
-                           num_processes=value("num-processes"), process_id=value("process-id"))
+                           num_processes=value("num-processes"), process_id=value("process-id"),
+                           distributed_timeout_seconds=value("distributed-timeout-seconds"))
     return config, options
 

@@ -11,11 +11,24 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from engine.output_processor import RequestState
 from engine.request import (DuplicateRequestError, EngineUnavailableError, FinishReason, QueueFullError, Request,
                             RequestError, RequestOutput, RequestStream)
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Abort this admitted request (picked by identity when the abort was asked for)."""
+    state: RequestState
+
+
+@dataclass(frozen=True)
+class ResetPrefixCache:
+    """Drop every cached block not in use; `reply` gets whether it did."""
+    reply: Future
 
 
 @dataclass
@@ -40,7 +53,7 @@ def fault_output(state: RequestState, error: RequestError) -> RequestOutput:
 class Inbox:
     def __init__(self):
         self.lock = threading.Lock()
-        self._items: collections.deque = collections.deque()  # ("abort", RequestState) | ("reset", list, Event)
+        self._items: collections.deque = collections.deque()  # Abort | ResetPrefixCache, in arrival order
         self._adds: list[Pending] = []
         self._pending: dict[str, Pending] = {}
         self.states: dict[str, RequestState] = {}   # admitted; read by the engine thread without the lock
@@ -75,13 +88,16 @@ class Inbox:
             state = self.states.get(request_id)
             if state is None or not (stream is None or stream is state.stream):
                 return False
-            self._items.append(("abort", state))
+            self._items.append(Abort(state))
             return True
 
-    def request_reset(self, result: list, done: threading.Event) -> None:
+    def request_reset(self) -> Future:
+        """Queues a prefix-cache reset for the engine thread; the future gets its result."""
         with self.lock:
             self._check_accepting()
-            self._items.append(("reset", result, done))
+            command = ResetPrefixCache(Future())
+            self._items.append(command)
+            return command.reply
 
     def stop(self, failure: str | None = None) -> None:
         """Refuses every add from now on (a shutdown, or with `failure` a dead engine)."""
@@ -101,7 +117,7 @@ class Inbox:
             raise EngineUnavailableError("the engine is shutting down")
 
     # -- the engine thread -------------------------------------------------------------------------------
-    def drain(self, admit: Callable[[Pending], RequestState | None]) -> list[tuple]:
+    def drain(self, admit: Callable[[Pending], RequestState | None]) -> list[Abort | ResetPrefixCache]:
         """Admits every pending add with `admit` (under the lock; None = it failed and ended its stream) and
         returns the aborts and resets to apply, in arrival order."""
         with self.lock:
@@ -120,7 +136,7 @@ class Inbox:
             if self.states.get(state.seq.request_id) is state:
                 del self.states[state.seq.request_id]
 
-    def take_all(self) -> tuple[list[RequestState], list[Pending], list[tuple]]:
+    def take_all(self) -> tuple[list[RequestState], list[Pending], list[Abort | ResetPrefixCache]]:
         """Empties the inbox: (admitted states, pending adds, queued aborts and resets)."""
         with self.lock:
             states, self.states = list(self.states.values()), {}

@@ -70,11 +70,18 @@ def _device_budget(device, utilization: float, params_bytes: int) -> int:
     return int(limit * utilization - stats.get("bytes_in_use", 0) - params_bytes)
 
 
-def resolve_config(config: EngineConfig, mc: ModelConfig, device, num_params: int) -> EngineConfig:
+def resolve_config(config: EngineConfig, mc: ModelConfig, device, num_params: int,
+                   num_devices: int = 1) -> EngineConfig:
     """Fills every None: dtype, max_length, page size (continuous = one max-length page), pool size (from
-    what the device has left once the weights are resident in the dtype actually used)."""
+    what `device` has left once its share of the weights is resident in the dtype actually used; on a GPU
+    over `num_devices` tensor-parallel devices each holds ~1/n of the weights and, when the KV heads split,
+    1/n of every page)."""
     dtype = resolve_dtype(config, device)
     params_bytes = num_params * bytes_per_parameter(dtype)
+    kv_split = 1
+    if device.platform != "cpu" and num_devices > 1:  # CPU "devices" share one host's RAM: whole sizes
+        params_bytes //= num_devices
+        kv_split = num_devices if mc.num_kv_heads % num_devices == 0 else 1
     batch, tokens = DEVICE_DEFAULTS["cpu" if device.platform == "cpu" else "gpu"]
     config = dataclasses.replace(config, max_batch_size=config.max_batch_size or batch,
                                  max_num_batched_tokens=config.max_num_batched_tokens or tokens)
@@ -87,7 +94,7 @@ def resolve_config(config: EngineConfig, mc: ModelConfig, device, num_params: in
     pages_per_seq = -(-max_length // page_size)
     pages = config.kv_cache_pages
     if pages is None:
-        per_page = _page_bytes(mc, page_size, 4 if dtype == "float32" or device.platform == "cpu" else 2)
+        per_page = _page_bytes(mc, page_size, 4 if dtype == "float32" or device.platform == "cpu" else 2) // kv_split
         budget = _device_budget(device, config.device_memory_utilization, params_bytes)
         pages = min(budget // per_page, config.max_batch_size * pages_per_seq * 2) + 1
         if config.cache_strategy == "continuous":
@@ -115,9 +122,12 @@ def load_engine_parts(config: EngineConfig) -> LoadedEngineParts:
     enable_compilation_cache()
     devices = select_devices(config.devices)
     path = resolve_model_path(config.model_path)
-    mc, params, tokenizer = load_model(path, devices)
+    # Several processes: each restores the checkpoint on its host and places only its own shards (placing
+    # straight from orbax onto a mesh with other processes' devices would leave arrays no host can fuse).
+    mc, params, tokenizer = load_model(path, devices if len({d.process_index for d in devices}) == 1 else None)
     num_params = sum(a.size for a in _leaves(params))
-    resolved = resolve_config(dataclasses.replace(config, model_path=path), mc, devices[0], num_params)
+    resolved = agree_across_processes(resolve_config(dataclasses.replace(config, model_path=path), mc,
+                                                     _local(devices), num_params, len(devices)))
     resolved = dataclasses.replace(resolved, devices=describe(devices))
     from kernels.paged_attention import resolve_backend
     backend = resolve_backend(config.attention_backend, devices[0].platform)
@@ -144,6 +154,25 @@ def load_engine_parts(config: EngineConfig) -> LoadedEngineParts:
     log.info("model %s on %s: %s, %d KV pages of %d tokens, attention=%s", mc.name, resolved.devices,
              resolved.quantization_encoding, pages, page_size, backend)
     return LoadedEngineParts(resolved, mc, tokenizer, resolved.devices, block_manager, scheduler, runner)
+
+
+def _local(devices: list):
+    """The first of `devices` this process drives (whose memory it can read)."""
+    import jax
+    return next(d for d in devices if d.process_index == jax.process_index())
+
+
+def agree_across_processes(config: EngineConfig) -> EngineConfig:
+    """Several processes: the KV pool each sized from its own device must be one size everywhere (the step's
+    shapes must match in every process), so all take the smallest. A collective: every process calls it at
+    the same point of start-up."""
+    import jax
+    if jax.process_count() == 1:
+        return config
+    import numpy as np
+    from jax.experimental import multihost_utils
+    pages = multihost_utils.process_allgather(np.array([config.kv_cache_pages], np.int32))
+    return dataclasses.replace(config, kv_cache_pages=int(np.min(pages)))
 
 
 def _leaves(tree):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -18,6 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from engine.config import ModelConfig
+from engine.control_channel import Step, Warmup
 from engine.device_params import FusedShapes, param_bytes, to_device_params
 from engine.model import ModelSpec, StepInputs, forward
 from engine.sampling import SamplingInputs, sample
@@ -120,7 +122,11 @@ class ModelRunner:
                               out_shardings=pools)
         self.k_pools, self.v_pools = self._zeros(), self._zeros()
         self._no_tokens = jax.device_put(np.zeros(buckets.max_rows, np.int32), rep)
-        self._last: Launched | None = None     # the step launched last (its tokens feed placeholders)
+        self._last: Launched | None = None     # the step launched last (its rows map placeholders to tokens)
+        self._prev_tokens = self._no_tokens    # its sampled tokens, on the device
+        # Process 0 of a multi-process group: sends each launch / warm-up to the followers first, so that every
+        # process runs the same programs with the same inputs in the same order (engine/follower.py).
+        self.mirror: Callable[[object], None] | None = None
         # Donating the pools lets XLA scatter new K/V into the same buffers instead of copying all pages;
         # pinning their in/out shardings to the same spec keeps every step's donation valid (no reshard).
         psh = jax.tree.map(lambda a: a.sharding, self.params)
@@ -203,15 +209,30 @@ class ModelRunner:
         """Launches the step for `rows` without waiting for it (or for the step before, whose tokens the
         device hands over to this one's placeholders)."""
         inputs, sampling = self.pack(rows, *self.shape_for(rows))
-        prev_row = self._placeholder_rows(rows, inputs)
-        prev = self._last.tokens if self._last is not None else self._no_tokens
-        tokens, self.k_pools, self.v_pools = self._step(self.params, self.k_pools, self.v_pools, inputs, sampling,
-                                                        prev, prev_row)
+        tokens = self.launch(inputs, sampling, self._placeholder_rows(rows, inputs))
         self._last = Launched(tuple(rows), tokens, {r.seq.request_id: i for i, r in enumerate(rows) if r.samples})
         return self._last
 
+    def launch(self, inputs: StepInputs, sampling: SamplingInputs, prev_row: np.ndarray) -> jax.Array:
+        """The one device call of a packed step (the seam a multi-process group shares: process 0 packs, every
+        process launches these same arrays). Placeholders read the tokens of the step launched before this
+        one. Returns the sampled tokens [max_rows] int32, still on the device."""
+        if self.mirror is not None:
+            self.mirror(Step((*inputs, *sampling, prev_row)))
+        tokens, self.k_pools, self.v_pools = self._step(self.params, self.k_pools, self.v_pools, inputs, sampling,
+                                                        self._prev_tokens, prev_row)
+        self._prev_tokens = tokens
+        return tokens
+
+    def launch_packed(self, arrays: tuple[np.ndarray, ...]) -> jax.Array:
+        """`launch` of the arrays of a control-channel Step (a follower's side of the seam)."""
+        n, m = len(StepInputs._fields), len(SamplingInputs._fields)
+        return self.launch(StepInputs(*arrays[:n]), SamplingInputs(*arrays[n:n + m]), arrays[n + m])
+
     def logits_rows(self, rows: list[Row], T: int) -> np.ndarray:
         """Test/debug path: float32 logits [len(rows), T, V] of every token of each row (no sampling)."""
+        if self.mirror is not None:
+            raise RuntimeError("logits_rows is a one-process debug path: followers would not run it")
         inputs, _ = self.pack(rows, *self.shape_for(rows))
         logits, self.k_pools, self.v_pools = self._logits(self.params, self.k_pools, self.v_pools, inputs)
         flat = np.asarray(logits)
@@ -236,7 +257,7 @@ class ModelRunner:
     def recover(self) -> bool:
         """After a failed step: if the donated KV pools were consumed, allocate fresh (zero) ones.
         Returns True when that happened (every cached block is then gone)."""
-        self._last = None
+        self._last, self._prev_tokens = None, self._no_tokens
         if not any(a.is_deleted() for a in (*self.k_pools, *self.v_pools)):
             return False
         self.k_pools, self.v_pools = self._zeros(), self._zeros()
@@ -245,11 +266,14 @@ class ModelRunner:
     def warmup(self, shapes: list[tuple[int, int]] | None = None) -> float:
         """Compiles the step for every bucket shape (padding-only inputs write to page 0). Returns seconds."""
         t0 = time.perf_counter()
-        for N, R in shapes if shapes is not None else self.buckets.all_shapes():
+        todo = tuple(shapes if shapes is not None else self.buckets.all_shapes())
+        if self.mirror is not None:
+            self.mirror(Warmup(todo))
+        for N, R in todo:
             inputs, sampling = self.pack([], N, R)
             _, self.k_pools, self.v_pools = self._step(self.params, self.k_pools, self.v_pools, inputs, sampling,
                                                        self._no_tokens, np.full(N, -1, np.int32))
         jax.block_until_ready(self.k_pools)
-        if shapes is None:
+        if todo == tuple(self.buckets.all_shapes()):
             self.warm = True
         return time.perf_counter() - t0

@@ -195,7 +195,7 @@ class EngineServer:
         self.metrics.stop_http()
 
 
-def _load_llm_engine(config: EngineConfig):
+def _load_llm_engine(config: EngineConfig, group=None):
     """The real engine, imported only now: JAX is slow to import and flags were checked without it."""
     # JAX logs an INFO line per backend it fails to find (tpu, proxy): noise for a CPU/GPU server.
     std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
@@ -203,7 +203,7 @@ def _load_llm_engine(config: EngineConfig):
         from engine.engine import LLMEngine
     except ImportError as e:
         raise ServeError(f"cannot import the engine (engine.engine.LLMEngine): {e}") from None
-    return LLMEngine(config)
+    return LLMEngine(config, group=group)
 
 
 class _Signals:
@@ -224,30 +224,57 @@ class _Signals:
         os._exit(1 if self.stop.is_set() else 0)
 
 
-def _fail(message, code: int) -> None:
+def _fail(message, code: int, now: bool = False) -> None:
+    """One line on stderr, then exit. `now` (a multi-process group): skip the atexit handlers, whose
+    jax.distributed shutdown barrier would wait for processes that are gone."""
     print(f"engine.server: {message}", file=sys.stderr, flush=True)
+    if now:
+        sys.stdout.flush()
+        os._exit(code)
     sys.exit(code)
+
+
+def _join_group(config: EngineConfig, options: ServeOptions):
+    """Multi-process flags: the rendezvous and jax.distributed (engine/distributed.py), before JAX touches a
+    device. Returns process 0's Leader, a follower's link to process 0, or None for a group of one."""
+    std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
+    from engine.distributed import fingerprint, start_group
+    try:
+        return start_group(options.coordinator_address, options.num_processes, options.process_id,
+                           options.distributed_timeout_seconds, fingerprint(config))
+    except ValueError as e:
+        _fail(e, 1, now=True)
+
+
+def _follow(config: EngineConfig, options: ServeOptions, link) -> int:
+    """A follower: no front ends; it runs process 0's steps until told to stop (engine/follower.py)."""
+    from engine.follower import follow
+    try:
+        status = follow(config, link, options.shutdown_timeout_seconds)
+    except Exception as e:  # noqa: BLE001 — loading failed: one line; process 0 sees the channel close
+        _fail(f"follower {options.process_id}: loading the model failed: {describe_exception(e)}", 1, now=True)
+    if status:
+        _fail(f"follower {options.process_id} stopped with status {status}", status, now=True)
+    return 0
 
 
 def serve(config: EngineConfig, options: ServeOptions, engine_factory: Callable | None = None) -> int:
     """Runs the server until SIGTERM/SIGINT; returns the exit status. `engine_factory(config)` builds
     the engine (default: engine.engine.LLMEngine; the tests pass their FakeEngine)."""
-    if options.num_processes:  # multi-host: join the JAX runtime before JAX touches a device
-        std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
-        from engine.distributed import maybe_initialize, require_single_process
-        try:
-            maybe_initialize(options.coordinator_address, options.num_processes, options.process_id)
-            require_single_process()
-        except ValueError as e:
-            _fail(e, 2)
+    group = _join_group(config, options) if options.num_processes else None
+    if group is not None and options.process_id != 0:
+        return _follow(config, options, group)
+    if group is not None and engine_factory is None:
+        engine_factory = functools.partial(_load_llm_engine, group=group)
+    now = group is not None
     signals = _Signals()
     try:
         server = EngineServer(options.host, options.port, options.metrics_port, options.max_concurrent_rpcs,
                               http_port=options.http_port)
     except ServeError as e:
-        _fail(e, 1)
+        _fail(e, 1, now)
     server.start()
-    engine = _start_engine(server, config, engine_factory)
+    engine = _start_engine(server, config, engine_factory, now)
     signals.serving = True  # from here on a signal drains instead of exiting at once
     metrics = f"; metrics at :{server.metrics_port}/metrics" if server.metrics_port else ""
     metrics += f"; OpenAI-compatible HTTP at {server.http.url}/v1" if server.http else ""
@@ -259,14 +286,14 @@ def serve(config: EngineConfig, options: ServeOptions, engine_factory: Callable 
     if server.failure is not None:
         server.shutdown(0)
         _fail(f"the engine failed ({server.failure}); exiting with status 1 so that a supervisor restarts "
-              "the server", 1)
+              "the server", 1, now)
     logging.info("engine.server: shutting down (within %.1f s)", options.shutdown_timeout_seconds)
     server.shutdown(options.shutdown_timeout_seconds)
     return 0
 
 
-def _start_engine(server: EngineServer, config: EngineConfig, engine_factory: Callable | None):
-    """Builds, warms up and attaches the engine; any failure: one line, exit 1."""
+def _start_engine(server: EngineServer, config: EngineConfig, engine_factory: Callable | None, now: bool = False):
+    """Builds, warms up and attaches the engine; any failure: one line, exit 1 (`now`: see _fail)."""
     phase = "loading the model"
     try:
         engine = (engine_factory or _load_llm_engine)(config)
@@ -280,7 +307,7 @@ def _start_engine(server: EngineServer, config: EngineConfig, engine_factory: Ca
         if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
             message += " (out of memory: lower --kv-cache-pages, --device-memory-utilization or --max-batch-size)"
     server.shutdown(0)
-    _fail(message, 1)
+    _fail(message, 1, now)
 
 
 def _main(argv: list[str], engine_factory: Callable | None) -> int:
