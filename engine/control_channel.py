@@ -131,6 +131,9 @@ class Leader:
         self.on_lost: Callable[[str], None] | None = None
         self._closing = False
         self._send_lock = threading.Lock()
+        self._selector = selectors.DefaultSelector()
+        for pid, sock in self.sockets.items():
+            self._selector.register(sock, selectors.EVENT_READ, pid)
         self._watcher = threading.Thread(target=self._watch, name="follower-watch", daemon=True)
         self._watcher.start()
 
@@ -148,9 +151,7 @@ class Leader:
 
     def _watch(self) -> None:
         """Followers never write after their hello, so a readable socket means it closed: that process died."""
-        selector = selectors.DefaultSelector()
-        for pid, sock in self.sockets.items():
-            selector.register(sock, selectors.EVENT_READ, pid)
+        selector = self._selector
         while not self._closing:
             try:
                 events = selector.select(timeout=0.5)

@@ -156,6 +156,10 @@ def maybe_initialize(coordinator_address: str | None, num_processes: int | None,
     import jax
     # CPU devices of different processes need a collectives backend (GPUs use NCCL whatever this says).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Not jax_share_binary_between_hosts: its cache keys differ between processes here (jax 0.12, CPU), so a
+    # follower waits for a binary under a key process 0 never writes, and a persistent-cache hit on process 0
+    # skips the sharing altogether: the group deadlocks. Followers compile every bucket themselves (the
+    # persistent cache is written by process 0 only).
     try:
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                    process_id=process_id, initialization_timeout=max(1, int(timeout)),

@@ -21,14 +21,16 @@ from tests.group_launcher import SERVING, Group, last_line
 from tests.test_sharding import TP_SPEC
 
 pytestmark = pytest.mark.slow
-OPTS = dict(max_batch_size=4, max_num_batched_tokens=64, max_length=128, kv_cache_page_size=16, kv_cache_pages=48)
-FLAGS = ["--max-batch-size=4", "--max-num-batched-tokens=64", "--max-length=128", "--kv-cache-page-size=16",
-         "--kv-cache-pages=48", "--enable-prefix-caching"]
+# Few buckets (1..16 tokens): every follower compiles each one at start-up (only process 0 writes the
+# persistent compilation cache, and its keys differ per process).
+OPTS = dict(max_batch_size=4, max_num_batched_tokens=16, max_length=1024, kv_cache_page_size=16, kv_cache_pages=80)
+FLAGS = ["--max-batch-size=4", "--max-num-batched-tokens=16", "--max-length=1024", "--kv-cache-page-size=16",
+         "--kv-cache-pages=80", "--enable-prefix-caching"]
 PREFIX = list(range(20, 57))        # 37 tokens: two full pages of 16 are shareable
 SUFFIXES = ([5, 9, 11], [7, 3], [13, 17, 19, 23, 29])
 BATCH = [PREFIX[:k] + [3 + k] for k in (4, 9, 17, 30, 33, 36)]   # six at once: several rows per step
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-START_TIMEOUT = 240.0
+START_TIMEOUT = 600.0
 
 
 def _request(ids, max_tokens=8):
@@ -71,41 +73,45 @@ def _served(group: Group):
     return channel, stub, health
 
 
-@pytest.mark.parametrize("num_processes", [2, 4])
-def test_group_serves_the_tokens_and_prefix_hits_of_one_process(num_processes, tiny_gguf_factory, one_process,
-                                                                  tmp_path):
-    group = Group(str(tmp_path), tiny_gguf_factory(TP_SPEC), num_processes, FLAGS + [f"--http-port={_free_port()}"])
+def _check_against_one_process(group: Group, one_process: dict, tmp_path):
+    """Runs the workload on a started group; returns its gRPC channel, stub and health stub."""
+    channel, stub, health = _served(group)
+    http = re.search(r"OpenAI-compatible HTTP at (\S+)/v1", open(f"{tmp_path}/0.out").read()).group(1)
+    def generate(prompts):
+        if len(prompts) == 1:
+            return _one(stub, prompts[0])
+        results = [None] * len(prompts)
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, _one(stub, prompts[i])))
+                   for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        return results
+
+    def reset():
+        req = urllib.request.Request(f"{http}/reset_prefix_cache", method="POST")
+        return json.loads(urllib.request.urlopen(req, timeout=30).read())["reset"]
+
+    got = _workload(generate, reset)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING
+    info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+    assert got == one_process
+    assert got["again"][0][1] == 32 and got["after"][1] == 0   # hits, then none after the reset
+    assert info.devices.endswith(f"over {group.num_processes} processes")
+    return channel, stub, health
+
+
+def test_four_processes_serve_the_tokens_and_prefix_hits_of_one_process_then_stop(tiny_gguf_factory, one_process,
+                                                                                   tmp_path):
+    group = Group(str(tmp_path), tiny_gguf_factory(TP_SPEC), 4, FLAGS + [f"--http-port={_free_port()}"])
     try:
         group.start()
-        channel, stub, health = _served(group)
-        http = re.search(r"OpenAI-compatible HTTP at (\S+)/v1", open(f"{tmp_path}/0.out").read()).group(1)
-
-        def generate(prompts):
-            if len(prompts) == 1:
-                return _one(stub, prompts[0])
-            results = [None] * len(prompts)
-            threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, _one(stub, prompts[i])))
-                       for i in range(len(prompts))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(60)
-            return results
-
-        def reset():
-            req = urllib.request.Request(f"{http}/reset_prefix_cache", method="POST")
-            return json.loads(urllib.request.urlopen(req, timeout=30).read())["reset"]
-
-        got = _workload(generate, reset)
-        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING
-        info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+        channel, _, _ = _check_against_one_process(group, one_process, tmp_path)
         channel.close()
-        assert got == one_process
-        assert got["again"][0][1] == 32 and got["after"][1] == 0   # hits, then none after the reset
-        assert info.devices.endswith(f"over {num_processes} processes")
         group.signal(0, signal.SIGTERM)                              # drains, then stops the followers
         results = group.finish(60)
-        assert {pid: status for pid, (status, _) in results.items()} == dict.fromkeys(range(num_processes), 0), \
+        assert {pid: status for pid, (status, _) in results.items()} == {0: 0, 1: 0, 2: 0, 3: 0}, \
             {pid: last_line(err) for pid, (_, err) in results.items()}
     finally:
         group.kill_all()
@@ -118,13 +124,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_killed_follower_fails_process_0_loudly_within_seconds(tiny_gguf_factory, tmp_path):
-    flags = [f for f in FLAGS if not f.startswith("--max-length")] + ["--max-length=1024", "--kv-cache-pages=80",
-                                                                       "--http-port=0"]
-    group = Group(str(tmp_path), tiny_gguf_factory(TP_SPEC), 2, flags)
+def test_two_processes_serve_like_one_and_a_killed_follower_fails_process_0_loudly(tiny_gguf_factory,
+                                                                                    one_process, tmp_path):
+    group = Group(str(tmp_path), tiny_gguf_factory(TP_SPEC), 2, FLAGS + [f"--http-port={_free_port()}"])
     try:
         group.start()
-        channel, stub, health = _served(group)
+        channel, stub, health = _check_against_one_process(group, one_process, tmp_path)
         watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=60)
         assert next(watch).status == SERVING
         stream = stub.Generate(_request(PREFIX, max_tokens=900), timeout=60)
@@ -174,7 +179,8 @@ def test_missing_process_fails_start_up_with_one_line_naming_it(tiny_gguf_factor
 def test_real_model_over_three_processes_answers_paris(tmp_path):
     from engine.gguf_loader import resolve_model_path
     group = Group(str(tmp_path), resolve_model_path(None), 3,
-                  ["--max-batch-size=2", "--max-num-batched-tokens=32", "--max-length=128", "--kv-cache-page-size=16",
+                  # three buckets (1, 2, 4 tokens): each process compiles each unrolled 30-layer step
+                  ["--max-batch-size=1", "--max-num-batched-tokens=4", "--max-length=128", "--kv-cache-page-size=16",
                    "--kv-cache-pages=20", "--http-port=0"])
     try:
         group.start()
