@@ -124,8 +124,10 @@ class Leader:
     """Process 0's end: one connected socket per follower (process ids 1..N-1). `broadcast` sends a command to
     all of them; a watcher thread calls `on_lost(message)` once, at the first follower that disconnects."""
 
-    def __init__(self, sockets: dict[int, socket.socket]):
+    def __init__(self, sockets: dict[int, socket.socket], send_timeout: float = 60.0):
         self.sockets = dict(sorted(sockets.items()))
+        for sock in self.sockets.values():  # a follower alive but stuck would otherwise block process 0 for good
+            sock.settimeout(send_timeout)
         self.num_processes = len(sockets) + 1
         self.lost: str | None = None
         self.on_lost: Callable[[str], None] | None = None
@@ -145,8 +147,8 @@ class Leader:
             for pid, sock in self.sockets.items():
                 try:
                     sock.sendall(message)
-                except OSError as e:
-                    self._mark_lost(f"follower process {pid} is gone ({e.strerror or e})")
+                except OSError as e:  # TimeoutError included: it took no step for send_timeout seconds
+                    self._mark_lost(f"follower process {pid} is gone ({e.strerror or type(e).__name__})")
                     raise FollowerLostError(self.lost) from None
 
     def _watch(self) -> None:
@@ -182,10 +184,15 @@ class Leader:
             return
         message = encode(Stop(reason))
         self._closing = True
-        with self._send_lock:
+        locked = self._send_lock.acquire(timeout=5.0)  # not behind a send stuck on a follower that hangs
+        try:
             for sock in self.sockets.values():
                 try:
-                    sock.sendall(message)
+                    if locked:
+                        sock.sendall(message)
                 except OSError:
                     pass
                 sock.close()
+        finally:
+            if locked:
+                self._send_lock.release()

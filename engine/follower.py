@@ -37,7 +37,9 @@ def _exit_later_on_sigterm(grace: float) -> None:
     """SIGTERM: process 0 is draining and will send Stop; exit on our own only if it never does."""
     def handle(signum, frame):
         _say(f"{signal.Signals(signum).name}; following process 0 until it stops (at most {grace:.0f} s)")
-        threading.Timer(grace, lambda: os._exit(1)).start()
+        timer = threading.Timer(grace, lambda: os._exit(1))
+        timer.daemon = True  # a clean Stop before it fires must not wait for it
+        timer.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handle)
 

@@ -111,6 +111,13 @@ def enable_compilation_cache() -> None:
     seconds per bucket into a fraction of one). JAX_COMPILATION_CACHE_DIR overrides the folder; an empty
     value turns the cache off."""
     import jax
+    if jax.process_count() > 1:
+        # Off in a multi-process group: a step program process 0 loaded from the cache while the followers
+        # compiled it afresh computed garbage (SmolLM2 over 3 processes answered "Theure,,-France-ab----" with
+        # a warm cache, "...is Paris." without; jax 0.12, gloo). Followers compile every bucket anyway (jax
+        # writes the cache from process 0 only), so start-up takes about as long either way.
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
     folder = os.environ.get("JAX_COMPILATION_CACHE_DIR",
                             os.path.join(os.path.expanduser("~"), ".cache", "jax-paged-engine", "xla"))
     if folder and not jax.config.jax_compilation_cache_dir:
