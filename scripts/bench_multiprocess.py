@@ -96,7 +96,7 @@ def channel(args) -> None:
 def _serve(flags: list[str], env: dict, processes: int, log_dir: str):
     from tests.group_launcher import free_port_pair
     base = [sys.executable, "-m", "engine.server", "--port=0", "--http-port=0", "--max-batch-size=8",
-            "--max-num-batched-tokens=64", "--max-length=256", "--kv-cache-page-size=16", "--kv-cache-pages=160",
+            "--max-num-batched-tokens=8", "--max-length=256", "--kv-cache-page-size=16", "--kv-cache-pages=160",
             *flags]
     if processes > 1:
         base += [f"--coordinator-address=127.0.0.1:{free_port_pair()}", f"--num-processes={processes}"]
