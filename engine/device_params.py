@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from engine.config import ModelConfig
-from engine.quantization import QuantizedWeight, quantize_weight
+from engine.quantization import Int8Rows, QuantizedWeight, as_rows, quantize_weight
 from engine.sharding import AXIS, Layout
 
 MATRICES = ("wqkv", "wq", "wkv", "wo", "w_gate_up", "w_down", "embed", "lm_head")
@@ -107,14 +107,17 @@ def _dequantize(name: str, w: QuantizedWeight) -> np.ndarray:
 
 
 def _place(name: str, w, spec: P, mesh, dtype, quantize: bool):
-    """Puts one weight on its shards: a QuantizedWeight as int8 + float32 scales (dequantized when the
-    engine runs in a float encoding, e.g. a q8_0 checkpoint served as float32), anything else as `dtype`."""
+    """Puts one weight on its shards: a QuantizedWeight as Int8Rows (int8 [out, in], the transpose of the
+    canonical layout, so its spec is reversed; scales sharded with the rows) — dequantized instead when the
+    engine runs in a float encoding, e.g. a q8_0 checkpoint served as float32 — anything else as `dtype`."""
     if isinstance(w, QuantizedWeight) and not quantize:
         w = _dequantize(name, w)
     if isinstance(w, QuantizedWeight):
-        return QuantizedWeight(jax.device_put(np.asarray(w.q, np.int8), NamedSharding(mesh, spec)),
-                               jax.device_put(np.asarray(w.scale, np.float32),
-                                              NamedSharding(mesh, scale_spec(name, spec))))
+        rows = as_rows(w, per_row=name == "embed")
+        axes = tuple(spec) + (None,) * (2 - len(tuple(spec)))
+        row_spec = P(*axes) if name == "embed" else P(axes[1], axes[0])
+        return Int8Rows(jax.device_put(rows.q, NamedSharding(mesh, row_spec)),
+                        jax.device_put(rows.scale, NamedSharding(mesh, P(row_spec[0]))))
     return jax.device_put(np.asarray(w, dtype), NamedSharding(mesh, spec))
 
 

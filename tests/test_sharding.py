@@ -149,7 +149,8 @@ def test_q8_0_shards_int8_weights_with_their_scales_and_matches_one_device(shard
     assert two["tokens"] == one["tokens"] and two["again"] == one["tokens"]
     assert two["wqkv"]["shards"] == [[128, 128]] and two["wqkv_scale"] == {"spec": ["model"], "shards": [[128]],
                                                                            "num_shards": 2}
-    assert two["wo"]["spec"] == ["model", None] and two["wo_scale"] == {"spec": [None], "shards": [[128]],
+    # wo on the device is int8 [out, in] (engine/quantization.py Int8Rows): sharded along its input features
+    assert two["wo"]["spec"] == [None, "model"] and two["wo_scale"] == {"spec": [None], "shards": [[128]],
                                                                         "num_shards": 2}
 
 
