@@ -13,7 +13,7 @@ serve: setup
 	$(PY) -m engine.server $(ARGS)
 
 generate: setup
-	$(PY) -m engine.generate --chat --prompt "$(PROMPT)" $(ARGS)
+	$(PY) -m engine.generate_cli --chat --prompt "$(PROMPT)" $(ARGS)
 
 client: setup
 	$(PY) scripts/client.py --chat "$(PROMPT)" $(ARGS)

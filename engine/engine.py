@@ -21,8 +21,8 @@ import numpy as np
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.inbox import Inbox, Pending, fault_output
-from engine.model_loading import LoadedEngineParts, load_engine_parts
-from engine.output_processor import RequestState
+from engine.engine_parts import LoadedEngineParts, load_engine_parts
+from engine.request_state import RequestState
 from engine.request import (EngineUnavailableError, ErrorCode, FinishReason, Request, RequestError, RequestStream,
                             describe_exception as describe)
 from engine.request_checks import check_request

@@ -13,7 +13,7 @@ import pytest
 from engine.checkpoint import CONFIG_FILE, PARAMS_DIR, TOKENIZER_FILE, convert_gguf, load_checkpoint
 from engine.gguf_loader import load_gguf
 from engine.gguf_metadata import read_metadata
-from engine.model_loading import load_model
+from engine.model_files import load_model
 from engine.runner import Buckets, ModelRunner, Row
 from engine.request import Request
 from engine.sampling_params import SamplingParams

@@ -1,0 +1,19 @@
+"""Reads a model from disk: a GGUF file or an orbax checkpoint directory -> ModelConfig, params, Tokenizer."""
+from __future__ import annotations
+
+import os
+
+from engine.gguf_loader import load_gguf
+from engine.tokenizer import Tokenizer
+
+
+def load_model(path: str, devices: list | None = None):
+    """(ModelConfig, params, Tokenizer) from a GGUF file (numpy params) or an orbax checkpoint directory
+    (restored straight onto its shards over `devices` when given, else numpy)."""
+    if os.path.isdir(path):
+        from engine.checkpoint import load_checkpoint, read_checkpoint_config
+        from engine.sharding import Layout
+        layout = Layout.build(read_checkpoint_config(path)[0], devices) if devices else None
+        return load_checkpoint(path, layout.param_shardings() if layout else None)
+    config, params, meta = load_gguf(path)
+    return config, params, Tokenizer.from_gguf_metadata(meta, source=path)
