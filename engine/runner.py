@@ -176,7 +176,7 @@ class ModelRunner:
             at += r.n
             sp = seq.sampling
             temp[i], top_p[i], top_k[i] = sp.temperature, sp.top_p, sp.top_k
-            seed[i], spos[i] = (seq.seed or 0) & 0xFFFFFFFF, r.start + r.n   # the engine seeds every request
+            seed[i], spos[i] = seq.seed, r.start + r.n   # the engine seeds every request at admission
         starts[1:len(rows) + 1] = np.cumsum([r.n for r in rows])
         starts[len(rows) + 1:] = at
         return (StepInputs(tokens, positions, slots, table, ctx, starts, last),
