@@ -40,10 +40,6 @@ class ModelConfig:
     rope_freq_factors: tuple[float, ...] = ()
     rope_scaling: RopeScaling | None = None
 
-    @property
-    def q_per_kv(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
 
 def _choice(name: str, value, allowed) -> None:
     if value not in allowed:

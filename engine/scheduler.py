@@ -125,10 +125,6 @@ class Scheduler:
         return SchedulerOutput(tuple(step.decodes), tuple(step.prefills), tuple(step.preempted),
                                tuple(step.finished))
 
-    def update(self, output: SchedulerOutput, sampled: Mapping[str, int]) -> list[Sequence]:
-        """Book a step whose tokens are known: `advance` then `complete` (the synchronous path)."""
-        return self.complete(output, self.advance(output), sampled)
-
     def advance(self, output: SchedulerOutput) -> list[tuple[Sequence, int]]:
         """Book a step the runner has launched, before its tokens are back (so the next step can be
         scheduled while this one runs): advance num_computed_tokens and put a PLACEHOLDER where each

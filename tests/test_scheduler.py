@@ -27,12 +27,17 @@ def add(sched, prompt_len, start=0, tokens=None, **sampling):
     return seq
 
 
+def update(sched, out, sampled):
+    """Books a step whose tokens are known: advance, then complete (what the engine does one step apart)."""
+    return sched.complete(out, sched.advance(out), sampled)
+
+
 def step(sched, token=7):
     """schedule(), then pretend the runner sampled `token` for every row that samples."""
     out = sched.schedule()
     sampled = {s.request_id: token for s in out.decodes}
     sampled |= {c.seq.request_id: token for c in out.prefills if c.samples}
-    return out, sched.update(out, sampled)
+    return out, update(sched, out, sampled)
 
 
 def chunks(out):
@@ -173,7 +178,7 @@ def test_abort_between_schedule_and_update_is_skipped():
     a = add(sched, 4)
     out = sched.schedule()
     sched.abort(a.request_id)
-    assert sched.update(out, {a.request_id: 5}) == [] and a.token_ids == [0, 1, 2, 3]
+    assert update(sched, out, {a.request_id: 5}) == [] and a.token_ids == [0, 1, 2, 3]
 
 
 def test_finish_reasons():
@@ -255,7 +260,7 @@ def test_random_workload_ends_with_no_leaks(caching):
         assert all(isinstance(c, PrefillChunk) and c.start == c.seq.num_computed_tokens for c in out.prefills)
         sampled = {s.request_id: rng.choice([EOS, 1, 2, 3]) for s in out.decodes}
         sampled |= {c.seq.request_id: rng.choice([EOS, 1, 2, 3]) for c in out.prefills if c.samples}
-        sched.update(out, sampled)
+        update(sched, out, sampled)
         held = sum(len(s.block_table) for s in sched.running)
         assert held >= sched.block_manager.num_used_pages     # shared pages are counted once
     while sched.has_unfinished():
