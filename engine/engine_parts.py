@@ -16,6 +16,7 @@ from engine.model_files import load_model
 from engine.runner import Buckets, ModelRunner
 from engine.scheduler import Scheduler
 from engine.tokenizer import Tokenizer
+from kernels.backends import resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ def load_engine_parts(config: EngineConfig) -> LoadedEngineParts:
     num_params = sum(a.size for a in _leaves(params))
     resolved = resolve_config(dataclasses.replace(config, model_path=path), mc, devices[0], num_params)
     resolved = dataclasses.replace(resolved, devices=describe(devices))
-    from kernels.paged_attention import resolve_backend
     backend = resolve_backend(config.attention_backend, devices[0].platform)
     page_size = resolved.kv_cache_page_size
     if backend == "pallas" and page_size & (page_size - 1):

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.request import Request
-from engine.request_checks import check_prompt_text, messages_bytes
+from engine.request_checks import check_prompt_size
 from engine.sampling_params import SamplingParams
 
 
@@ -41,10 +41,10 @@ class LLM:
     def _prompt_ids(self, prompt: Any) -> tuple[int, ...]:
         config = self.engine.config
         if isinstance(prompt, str):
-            check_prompt_text("prompt", len(prompt.encode()), config)  # before the (costly) tokenizing
+            check_prompt_size("prompt", prompt, config)  # before the (costly) tokenizing
             return tuple(self.tokenizer.encode(prompt))
         if _is_chat(prompt):
-            check_prompt_text("messages", messages_bytes(prompt), config)
+            check_prompt_size("messages", prompt, config)
             return tuple(self.tokenizer.encode_chat(prompt))
         if _is_token_ids(prompt):
             return tuple(int(t) for t in prompt)
