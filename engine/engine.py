@@ -102,7 +102,7 @@ class LLMEngine:
             prefix_cache_queried_tokens=bm.prefix_cache_queried_tokens,
             prefix_cache_hit_tokens=bm.prefix_cache_hit_tokens, prefix_cache_evictions=bm.prefix_cache_evictions,
             preemptions=self.scheduler.num_preemptions, num_compilations=self.runner.num_compilations,
-            step_failures=self._step_failures)
+            num_step_shapes=len(self.runner.buckets.all_shapes()), step_failures=self._step_failures)
 
     def has_unfinished(self) -> bool:
         return self.inbox.has_unfinished()

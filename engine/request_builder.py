@@ -83,12 +83,18 @@ def sampling_params(kind: str, prompt_len: int, max_length: int, *, max_tokens: 
                              f"(--max-length={max_length} counts prompt + completion)")
     try:
         return SamplingParams(
-            max_tokens=max_tokens if max_tokens is not None else min(DEFAULT_MAX_TOKENS, room),
+            max_tokens=max_tokens if max_tokens is not None else default_max_tokens(prompt_len, max_length),
             temperature=temperature, top_p=top_p if top_p is not None else 1.0, top_k=top_k, seed=seed,
             stop=tuple(stop), ignore_eos=ignore_eos)
     except ValueError as e:  # SamplingParams names the field: "sampling.top_p=..."
         raise InvalidRequest(str(e)) from None
     # prompt + max_tokens vs --max-length: checked by engine.add_request
+
+
+def default_max_tokens(prompt_len: int, max_length: int) -> int:
+    """An unset max_tokens (gRPC, HTTP, batch jobs): DEFAULT_MAX_TOKENS, lowered to what fits in --max-length
+    after the prompt (< 1 when nothing fits)."""
+    return min(DEFAULT_MAX_TOKENS, max_length - prompt_len)
 
 
 def make_request(request_id: str, ids: list[int], sampling: SamplingParams, cache_salt: str = "") -> Request:

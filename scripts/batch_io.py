@@ -9,7 +9,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from engine.sampling_params import SamplingParams
+from engine import SamplingParams
 from scripts.durable_io import fsync_dir
 
 INPUTS = ("prompt", "messages", "prompt_token_ids")
