@@ -22,7 +22,7 @@ from engine.device_params import FusedShapes, param_bytes, to_device_params
 from engine.model import ModelSpec, StepInputs, forward
 from engine.sampling import SamplingInputs, sample
 from engine.sequence import PLACEHOLDER
-from engine.sharding import AXIS, Layout, check_param_shapes, param_shapes
+from engine.sharding import Layout, check_param_shapes, param_shapes
 
 log = logging.getLogger(__name__)
 
