@@ -50,7 +50,7 @@ def _stored(params: dict, dtype: str) -> dict:
         params = quantize_canonical(params)
     np_dtype = _numpy_dtype(dtype)
     cast = lambda a: {"q": np.asarray(a.q, np.int8), "scale": np.asarray(a.scale, np.float32)} \
-        if isinstance(a, QuantizedWeight) else np.asarray(a, np_dtype)  # noqa: E731
+        if isinstance(a, QuantizedWeight) else np.asarray(a, np_dtype)
     return {k: (_map(cast, v) if isinstance(v, dict) else cast(v)) for k, v in params.items()}
 
 

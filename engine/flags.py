@@ -152,7 +152,7 @@ def _check_model_path(path: str | None) -> None:
 
 def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> tuple[EngineConfig, ServeOptions]:
     """Validated EngineConfig + ServeOptions from parsed flags; raises FlagError (one line)."""
-    value = lambda name: flag_values[name].value  # noqa: E731
+    value = lambda name: flag_values[name].value
     engine_kwargs = {name.replace("-", "_"): value(name) for name, *_ in ENGINE_FLAGS}
     devices = engine_kwargs["devices"]
     try:

@@ -41,7 +41,7 @@ def sharding_rules(c: ModelConfig, n: int) -> dict[str, str | None]:
         raise ValueError(f"cannot shard the model over {n} devices: num_heads={c.num_heads} (num_kv_heads="
                          f"{c.num_kv_heads}) must be divisible by the device count {n}; pick --devices with a "
                          f"count that divides {c.num_heads}")
-    split = lambda size: AXIS if size % n == 0 else None  # noqa: E731
+    split = lambda size: AXIS if size % n == 0 else None
     rules = {"q_heads": AXIS, "kv_heads": split(c.num_kv_heads), "kv_head": split(c.num_kv_heads),
              "mlp": split(c.intermediate_size), "vocab": split(c.vocab_size)}
     if n > 1:

@@ -25,10 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from anywhere in the checkout
-from engine import ENGINE_OPTIONS  # noqa: E402
-from scripts.batch_io import (Item, OrderedWriter, error_record, open_output, read_done,  # noqa: E402
+from engine import ENGINE_OPTIONS
+from scripts.batch_io import (Item, OrderedWriter, error_record, open_output, read_done,
                               read_input, result_record, rewrite_in_order)
-from scripts.durable_io import fsync_dir  # noqa: E402
+from scripts.durable_io import fsync_dir
 
 _ARG_TYPES = {"string": str, "integer": int, "float": float}
 # Engine flags that mean nothing here: caching has its own switch (on by default for batch jobs).
@@ -82,7 +82,8 @@ class ServerBackend:
         from engine.v1 import engine_pb2, engine_pb2_grpc
         self.grpc, self.pb = grpc, engine_pb2
         self.channel = grpc.insecure_channel(target)
-        self.stub, self.max_concurrency, self.timeout = engine_pb2_grpc.EngineStub(self.channel), max_concurrency, timeout
+        self.stub = engine_pb2_grpc.EngineStub(self.channel)
+        self.max_concurrency, self.timeout = max_concurrency, timeout
         try:  # fail once, clearly, rather than once per line
             grpc.channel_ready_future(self.channel).result(timeout=CONNECT_TIMEOUT_S)
         except grpc.FutureTimeoutError:
@@ -171,7 +172,7 @@ def _make_backend(args):
 
 def _summary(records: list[dict], skipped: int, seconds: float) -> str:
     ok = [r for r in records if "error" not in r]
-    usage = lambda key: sum(r["usage"][key] for r in ok)  # noqa: E731
+    usage = lambda key: sum(r["usage"][key] for r in ok)
     return (f"batch_generate: {len(ok)} ok, {len(records) - len(ok)} failed, {skipped} skipped; "
             f"{usage('prompt_tokens')} prompt tokens ({usage('cached_prompt_tokens')} cached), "
             f"{usage('completion_tokens')} completion tokens; {seconds:.1f} s")

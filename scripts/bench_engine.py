@@ -17,9 +17,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import numpy as np  # noqa: E402
+import numpy as np
 
-from engine import LLM, SamplingParams  # noqa: E402
+from engine import LLM, SamplingParams
 
 
 def median_time(fn, repeats: int) -> float:
@@ -40,7 +40,7 @@ def prefill_and_decode(llm, rng, repeats, quick):
     for n in ((128, 512) if quick else (128, 512, 2048)):
         p = rand_ids(rng, n)
         llm.generate(p, SamplingParams(max_tokens=1))  # compile
-        out[f"prefill_tok_s@{n}"] = n / median_time(lambda: llm.generate(p, SamplingParams(max_tokens=1)), repeats)
+        out[f"prefill_tok_s@{n}"] = n / median_time(lambda p=p: llm.generate(p, SamplingParams(max_tokens=1)), repeats)
     steps = 32 if quick else 128
     for b in (1, 16):
         out[f"decode_tok_s@batch{b}"] = decode_rate(llm, [rand_ids(rng, 16) for _ in range(b)], steps, repeats)

@@ -295,7 +295,8 @@ def test_client_gone_mid_request_aborts_and_frees_pages(shared, stream, slow_pol
         assert engine.wait_for(lambda e: e.stats().waiting_requests == 1)
         engine.run_steps(1)  # one token, then the request can only end by an abort
         if stream:
-            assert raw.head().startswith("HTTP/1.1 200") and json.loads(raw.next_event()[6:])["choices"][0]["text"] == "\x02"
+            assert raw.head().startswith("HTTP/1.1 200")
+            assert json.loads(raw.next_event()[6:])["choices"][0]["text"] == "\x02"
         else:
             assert engine.wait_for(lambda e: e.stats().kv_pages_used > 0)
         raw.close()
@@ -324,7 +325,8 @@ def test_client_gone_while_queued_aborts_the_queued_request(shared, slow_poll):
 
 def test_grpc_and_http_in_flight_at_once_each_get_exactly_their_tokens(shared):
     def over_grpc(i):
-        request = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[i * 20]), sampling=pb.SamplingParams(max_tokens=6))
+        request = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[i * 20]),
+                                     sampling=pb.SamplingParams(max_tokens=6))
         return [t for r in shared.stub.Generate(request) for t in r.token_ids]
 
     def over_http(i):

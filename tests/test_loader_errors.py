@@ -49,7 +49,10 @@ def test_unsupported_tensor_type(tmp_path):
         getattr(w, f"add_{k}")(v)
     # An I32 tensor: a type the gguf package has no dequantizer for.
     w.add_tensor("token_embd.weight", np.zeros((331, 256), np.int32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     with pytest.raises(ModelLoadError, match=r"iq\.gguf: tensor 'token_embd\.weight' has type I32"):
         load_gguf(path)
 

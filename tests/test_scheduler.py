@@ -85,7 +85,7 @@ def test_running_prefills_go_before_new_admissions():
 
 def test_admission_is_fcfs_the_head_blocks_smaller_requests():
     sched = make_scheduler(num_pages=5, caching=True)   # 4 usable pages
-    a = add(sched, 8)                                 # 2 pages
+    add(sched, 8)                                     # 2 pages
     b = add(sched, 12, start=100)                     # 3 pages: does not fit next to a
     c = add(sched, 4, start=200)                      # 1 page: would fit, but b is first
     for _ in range(2):
@@ -208,7 +208,7 @@ def test_engine_finish_for_stop_strings():
 
 def test_prefix_hits_on_admission():
     sched = make_scheduler(caching=True)
-    a = add(sched, 10, max_tokens=1)
+    add(sched, 10, max_tokens=1)
     step(sched)                                       # a: 10 tokens, blocks 0 and 1 cached, finishes
     b = add(sched, 0, tokens=[*range(8), 50, 51, 52])
     out, _ = step(sched)
@@ -248,7 +248,7 @@ def test_random_workload_ends_with_no_leaks(caching):
                            max_length=40, max_prefill_seqs=2)
     prefixes = [[rng.randrange(50) for _ in range(12)] for _ in range(3)]
     seqs = []
-    for i in range(300):
+    for _ in range(300):
         if len(seqs) < 40 and rng.random() < 0.4:
             tokens = rng.choice(prefixes)[:rng.randrange(1, 13)] + [rng.randrange(50) for _ in range(rng.randrange(8))]
             seqs.append(add(sched, 0, tokens=tokens, max_tokens=rng.randrange(1, 12)))
