@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import jax
 
-ALLOWED = "cpu, gpu, gpu:N[,M...], cpu:N[,M...]"
+from engine.config import parse_devices
 
 
 def _platform_devices(kind: str) -> list:
@@ -23,19 +23,13 @@ def select_devices(spec: str | None) -> list:
     if spec is None or spec == "":
         gpus = _platform_devices("gpu")
         return gpus[:1] if gpus else jax.devices("cpu")[:1]
-    kind, _, ids = spec.partition(":")
-    if kind not in ("cpu", "gpu"):
-        raise ValueError(f"--devices={spec!r} is not allowed; use one of {ALLOWED}")
+    kind, wanted = parse_devices(spec)
     found = _platform_devices(kind)
     if not found:
         raise ValueError(f"--devices={spec!r}: no {kind.upper()} is visible to JAX here "
                          f"(available: {', '.join(sorted({d.platform for d in jax.devices()}))})")
-    if not ids:
+    if wanted is None:
         return found[:1]
-    try:
-        wanted = [int(i) for i in ids.split(",")]
-    except ValueError:
-        raise ValueError(f"--devices={spec!r} is not allowed; use one of {ALLOWED}") from None
     bad = [i for i in wanted if not 0 <= i < len(found)]
     if bad or len(set(wanted)) != len(wanted):
         raise ValueError(f"--devices={spec!r}: device ids must be distinct and in 0..{len(found) - 1} "

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine.output_processor import RequestState
+from engine.request_state import RequestState
 from engine.request import (DuplicateRequestError, EngineUnavailableError, FinishReason, QueueFullError, Request,
                             RequestError, RequestOutput, RequestStream)
 

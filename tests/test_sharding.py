@@ -104,7 +104,8 @@ def sharded_runs(tiny_gguf_factory, tmp_path_factory):
     with socket.socket() as sock:          # a free port for the one-process jax.distributed coordinator
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    jobs = {"distributed": ["initialize", f"127.0.0.1:{port}"], "tp1": ["generate", tp, "cpu:0"], "tp2": ["generate", tp, "cpu:0,1"],
+    jobs = {"distributed": ["initialize", f"127.0.0.1:{port}"], "tp1": ["generate", tp, "cpu:0"],
+            "tp2": ["generate", tp, "cpu:0,1"],
             "tp4": ["generate", tp, "cpu:0,1,2,3"], "kv2_1": ["generate", kv2, "cpu:0"],
             "kv2_4": ["generate", kv2, "cpu:0,1,2,3"], "heads6_4": ["error", h6, "cpu:0,1,2,3"],
             "restore2": ["restore", ckpt, "cpu:0,1"], "tp2_pallas": ["generate", tp, "cpu:0,1", "pallas"],
