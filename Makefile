@@ -5,7 +5,7 @@ ARGS ?=
 PROMPT ?= What is the capital of France?
 PYTEST_ARGS ?=
 
-.PHONY: setup serve generate test test-fast bench client
+.PHONY: setup serve generate lint test test-fast bench client
 setup:
 	@bash scripts/setup_env.sh
 
@@ -13,15 +13,19 @@ serve: setup
 	$(PY) -m engine.server $(ARGS)
 
 generate: setup
-	$(PY) -m engine.generate --chat --prompt "$(PROMPT)" $(ARGS)
+	$(PY) -m engine.generate_cli --chat --prompt "$(PROMPT)" $(ARGS)
 
 client: setup
 	$(PY) scripts/client.py --chat "$(PROMPT)" $(ARGS)
 
-test: setup
+# ruff (configured in pyproject.toml) runs before the tests: a lint error fails `make test` and CI.
+lint: setup
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: lint
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: setup

@@ -1,7 +1,7 @@
 """Orbax checkpoints of converted models: load without the GGUF, without dequantizing, onto the shards.
 
 A checkpoint directory holds
-  params/                  the params tree (engine/sharding.py WEIGHTS), orbax-checkpoint, in the target dtype
+  params/                  the params tree (engine/weights.py WEIGHTS), orbax-checkpoint, in the target dtype
   tokenizer_metadata.json  the GGUF's `tokenizer.*` keys (tokens, merges, types, scores, chat template,
                            bos/eos/eot ids, add_bos, pre-tokenizer kind): enough for Tokenizer.from_gguf_metadata
   engine_checkpoint.json   format, version, dtype, source and the ModelConfig fields. Written last, so a
@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from engine.config import DTYPES, ModelConfig, RopeScaling
 from engine.gguf_loader import ModelLoadError
 from engine.quantization import QuantizedWeight
-from engine.sharding import check_param_shapes, param_shapes
+from engine.weights import QUANTIZED, ROWS, check_param_shapes, param_shapes
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def _stored(params: dict, dtype: str) -> dict:
         params = quantize_canonical(params)
     np_dtype = _numpy_dtype(dtype)
     cast = lambda a: {"q": np.asarray(a.q, np.int8), "scale": np.asarray(a.scale, np.float32)} \
-        if isinstance(a, QuantizedWeight) else np.asarray(a, np_dtype)  # noqa: E731
+        if isinstance(a, QuantizedWeight) else np.asarray(a, np_dtype)
     return {k: (_map(cast, v) if isinstance(v, dict) else cast(v)) for k, v in params.items()}
 
 
@@ -59,12 +59,10 @@ def stored_shapes(config: ModelConfig, dtype: str) -> dict:
     shapes = param_shapes(config)
     if dtype != "q8_0":
         return shapes
-    from engine.device_params import CANONICAL_MATRICES
-
     def q(name, shape):
-        if name not in CANONICAL_MATRICES:
+        if name not in QUANTIZED:
             return shape
-        return {"q": shape, "scale": shape[:-1] if name == "embed" else shape[:-2] + shape[-1:]}
+        return {"q": shape, "scale": shape[:-1] if QUANTIZED[name] == ROWS else shape[:-2] + shape[-1:]}
     out = {k: q(k, v) for k, v in shapes.items() if k != "layers"}
     out["layers"] = {k: q(k, v) for k, v in shapes["layers"].items()}
     return out
@@ -145,13 +143,18 @@ def load_checkpoint(directory: str, shardings: dict | None = None) -> tuple[Mode
     each array is read straight onto its shards. Any problem: ModelLoadError (a ValueError) naming the
     directory."""
     config, dtype = read_checkpoint_config(directory)
-    meta = _read_json(directory, TOKENIZER_FILE)
+    tokenizer = load_checkpoint_tokenizer(directory)
     params = _as_quantized(_restore_params(directory, config, dtype, shardings))
+    return config, params, tokenizer
+
+
+def load_checkpoint_tokenizer(directory: str) -> Tokenizer:
+    """The checkpoint's tokenizer alone (no weights read); ModelLoadError naming the directory."""
+    meta = _read_json(directory, TOKENIZER_FILE)
     try:
-        tokenizer = Tokenizer.from_gguf_metadata(meta, source=directory)
+        return Tokenizer.from_gguf_metadata(meta, source=directory)
     except (ValueError, TypeError, AttributeError) as e:
         raise ModelLoadError(f"{directory}: {TOKENIZER_FILE} cannot build a tokenizer ({e})") from None
-    return config, params, tokenizer
 
 
 def _restore_params(directory: str, config: ModelConfig, dtype: str, shardings: dict | None) -> dict:
@@ -188,7 +191,7 @@ def _restore_args(shapes: dict, np_dtype, shardings: dict | None) -> dict:
                 return {"q": ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.int8),
                         "scale": ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32)}
             spec = tuple(sharding.spec)
-            scale = scale_spec(name, P(*spec[-2:])) if name != "embed" else P(spec[0] if spec else None)
+            scale = scale_spec(name, P(*spec[-2:])) if QUANTIZED[name] != ROWS else P(spec[0] if spec else None)
             if len(shape["q"]) == 3:   # layer-stacked: the layer axis leads
                 scale = P(None, *scale)
             return {"q": ocp.ArrayRestoreArgs(sharding=sharding, dtype=np.int8),

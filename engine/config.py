@@ -7,9 +7,21 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from kernels.backends import ATTENTION_BACKENDS
+
 CACHE_STRATEGIES = ("paged", "continuous")
 DTYPES = ("float32", "bfloat16", "q8_0")   # q8_0: int8 weights kept in memory (engine/quantization.py)
-ATTENTION_BACKENDS = ("auto", "pallas", "reference")
+DEVICE_FORMS = "cpu, gpu, gpu:N[,M...], cpu:N[,M...]"
+
+
+def parse_devices(spec: str) -> tuple[str, tuple[int, ...] | None]:
+    """--devices ('cpu', 'gpu', 'gpu:0,1', 'cpu:0,1') -> (kind, ids or None for the first device of that kind);
+    ValueError naming the value and the allowed forms. Device ids are checked against what JAX sees later."""
+    kind, colon, ids = spec.partition(":")
+    parts = ids.split(",") if colon else []
+    if kind not in ("cpu", "gpu") or not all(p.isdigit() for p in parts):
+        raise ValueError(f"--devices={spec!r} is not allowed; use one of {DEVICE_FORMS}")
+    return kind, tuple(int(p) for p in parts) if colon else None
 
 
 @dataclass(frozen=True)
@@ -39,10 +51,6 @@ class ModelConfig:
     # Per-frequency divisors from a GGUF `rope_freqs` tensor (Llama 3.1); empty when absent.
     rope_freq_factors: tuple[float, ...] = ()
     rope_scaling: RopeScaling | None = None
-
-    @property
-    def q_per_kv(self) -> int:
-        return self.num_heads // self.num_kv_heads
 
 
 def _choice(name: str, value, allowed) -> None:
@@ -81,6 +89,8 @@ class EngineConfig:
     def __post_init__(self):
         _choice("cache-strategy", self.cache_strategy, CACHE_STRATEGIES)
         _choice("attention-backend", self.attention_backend, ATTENTION_BACKENDS)
+        if self.devices:
+            parse_devices(self.devices)
         if self.quantization_encoding is not None:
             _choice("quantization-encoding", self.quantization_encoding, DTYPES)
         if self.kv_cache_page_size < 16 or self.kv_cache_page_size % 16:

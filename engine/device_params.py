@@ -1,4 +1,4 @@
-"""Canonical params (engine/sharding.py WEIGHTS: layers stacked, Q/K/V and gate/up separate) -> the params
+"""Canonical params (engine/weights.py WEIGHTS: layers stacked, Q/K/V and gate/up separate) -> the params
 the jitted step reads: one dict per layer, Q/K/V fused into one matrix and gate/up into another, each
 placed on its shards, in the compute dtype or kept quantized (engine/quantization.py).
 
@@ -21,11 +21,14 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from engine.config import ModelConfig
-from engine.quantization import QuantizedWeight, quantize_weight
+from engine.quantization import Int8Rows, QuantizedWeight, as_rows, quantize_weight
 from engine.sharding import AXIS, Layout
+from engine.weights import QUANTIZED, ROWS, WEIGHTS
 
-MATRICES = ("wqkv", "wq", "wkv", "wo", "w_gate_up", "w_down", "embed", "lm_head")
-CANONICAL_MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "embed", "lm_head")
+def _per_row(name: str) -> bool:
+    """Whether q8_0 scales this weight per row (the embedding, engine/weights.py) rather than per column;
+    fused matrices (wqkv, w_gate_up, ...) are per column like their parts."""
+    return QUANTIZED.get(name) == ROWS
 
 
 @dataclass(frozen=True)
@@ -62,9 +65,9 @@ def _layer_slice(leaf, i: int):
 def quantize_canonical(params: dict) -> dict:
     """Canonical params with every matrix int8 per output column (the embedding per row); numpy."""
     def q(name, leaf):
-        if isinstance(leaf, QuantizedWeight) or name not in CANONICAL_MATRICES:
+        if isinstance(leaf, QuantizedWeight) or name not in QUANTIZED:
             return leaf
-        return quantize_weight(np.asarray(leaf, np.float32), per_row=name == "embed")
+        return quantize_weight(np.asarray(leaf, np.float32), per_row=_per_row(name))
     out = {k: q(k, v) for k, v in params.items() if k != "layers"}
     out["layers"] = {k: q(k, v) for k, v in params["layers"].items()}
     return out
@@ -91,30 +94,33 @@ def layer_specs(layout: Layout, fused: FusedShapes) -> dict[str, P]:
 
 
 def top_specs(layout: Layout) -> dict[str, P]:
-    vocab = dict(layout.rules).get("vocab")
-    return {"embed": P(vocab, None), "lm_head": P(None, vocab), "final_norm": P()}
+    """The weights outside the layers keep their canonical form and so their canonical sharding."""
+    return {w.name: layout.spec(w.axes) for w in WEIGHTS if not w.per_layer}
 
 
 def scale_spec(name: str, spec: P) -> P:
     """The sharding of a quantized weight's scales: along its output columns (the embedding's rows)."""
     axes = tuple(spec) + (None,) * (2 - len(tuple(spec)))
-    return P(axes[0]) if name == "embed" else P(axes[1])
+    return P(axes[0]) if _per_row(name) else P(axes[1])
 
 
 def _dequantize(name: str, w: QuantizedWeight) -> np.ndarray:
     scale = np.asarray(w.scale, np.float32)
-    return np.asarray(w.q, np.float32) * (scale[..., :, None] if name == "embed" else scale[..., None, :])
+    return np.asarray(w.q, np.float32) * (scale[..., :, None] if _per_row(name) else scale[..., None, :])
 
 
 def _place(name: str, w, spec: P, mesh, dtype, quantize: bool):
-    """Puts one weight on its shards: a QuantizedWeight as int8 + float32 scales (dequantized when the
-    engine runs in a float encoding, e.g. a q8_0 checkpoint served as float32), anything else as `dtype`."""
+    """Puts one weight on its shards: a QuantizedWeight as Int8Rows (int8 [out, in], the transpose of the
+    canonical layout, so its spec is reversed; scales sharded with the rows) — dequantized instead when the
+    engine runs in a float encoding, e.g. a q8_0 checkpoint served as float32 — anything else as `dtype`."""
     if isinstance(w, QuantizedWeight) and not quantize:
         w = _dequantize(name, w)
     if isinstance(w, QuantizedWeight):
-        return QuantizedWeight(jax.device_put(np.asarray(w.q, np.int8), NamedSharding(mesh, spec)),
-                               jax.device_put(np.asarray(w.scale, np.float32),
-                                              NamedSharding(mesh, scale_spec(name, spec))))
+        rows = as_rows(w, per_row=name == "embed")
+        axes = tuple(spec) + (None,) * (2 - len(tuple(spec)))
+        row_spec = P(*axes) if name == "embed" else P(axes[1], axes[0])
+        return Int8Rows(jax.device_put(rows.q, NamedSharding(mesh, row_spec)),
+                        jax.device_put(rows.scale, NamedSharding(mesh, P(row_spec[0]))))
     return jax.device_put(np.asarray(w, dtype), NamedSharding(mesh, spec))
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import jax
 
-ALLOWED = "cpu, gpu, gpu:N[,M...], cpu:N[,M...]"
+from engine.config import parse_devices
 
 
 def _platform_devices(kind: str) -> list:
@@ -27,19 +27,13 @@ def select_devices(spec: str | None) -> list:
     if spec is None or spec == "":
         gpus = _platform_devices("gpu")
         return gpus[:1] if gpus else jax.devices("cpu")[:1]
-    kind, _, ids = spec.partition(":")
-    if kind not in ("cpu", "gpu"):
-        raise ValueError(f"--devices={spec!r} is not allowed; use one of {ALLOWED}")
+    kind, wanted = parse_devices(spec)
     found = _platform_devices(kind)
     if not found:
         raise ValueError(f"--devices={spec!r}: no {kind.upper()} is visible to JAX here "
                          f"(available: {', '.join(sorted({d.platform for d in jax.devices()}))})")
-    if not ids:
+    if wanted is None:
         return found[:1]
-    try:
-        wanted = [int(i) for i in ids.split(",")]
-    except ValueError:
-        raise ValueError(f"--devices={spec!r} is not allowed; use one of {ALLOWED}") from None
     bad = [i for i in wanted if not 0 <= i < len(found)]
     if bad or len(set(wanted)) != len(wanted):
         raise ValueError(f"--devices={spec!r}: device ids must be distinct and in 0..{len(found) - 1} "
@@ -48,13 +42,10 @@ def select_devices(spec: str | None) -> list:
 
 
 def _every_process(spec: str | None) -> list:
-    kind, _, ids = (spec or ("gpu" if _platform_devices("gpu") else "cpu")).partition(":")
-    if kind not in ("cpu", "gpu"):
-        raise ValueError(f"--devices={spec!r} is not allowed; use one of {ALLOWED}")
+    kind, wanted = parse_devices(spec or ("gpu" if _platform_devices("gpu") else "cpu"))
     found = _platform_devices(kind)
     per_process = [sorted((d for d in found if d.process_index == p), key=lambda d: d.id)
                    for p in range(jax.process_count())]
-    wanted = [int(i) for i in ids.split(",")] if ids else None
     out = []
     for p, local in enumerate(per_process):
         pick = wanted if wanted is not None else range(len(local))

@@ -20,9 +20,9 @@ import numpy as np
 
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.engine_parts import LoadedEngineParts, load_engine_parts
 from engine.inbox import Abort, Inbox, Pending, ResetPrefixCache, fault_output
-from engine.model_loading import LoadedEngineParts, load_engine_parts
-from engine.output_processor import RequestState
+from engine.request_state import RequestState
 from engine.request import (EngineUnavailableError, ErrorCode, FinishReason, Request, RequestError, RequestStream,
                             describe_exception as describe)
 from engine.request_checks import check_request
@@ -107,7 +107,7 @@ class LLMEngine:
             prefix_cache_queried_tokens=bm.prefix_cache_queried_tokens,
             prefix_cache_hit_tokens=bm.prefix_cache_hit_tokens, prefix_cache_evictions=bm.prefix_cache_evictions,
             preemptions=self.scheduler.num_preemptions, num_compilations=self.runner.num_compilations,
-            step_failures=self._step_failures)
+            num_step_shapes=len(self.runner.buckets.all_shapes()), step_failures=self._step_failures)
 
     def has_unfinished(self) -> bool:
         return self.inbox.has_unfinished()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from absl import flags
 
-from engine.config import ATTENTION_BACKENDS, CACHE_STRATEGIES, DTYPES, EngineConfig
+from engine.config import ATTENTION_BACKENDS, CACHE_STRATEGIES, DEVICE_FORMS, DTYPES, EngineConfig, parse_devices
 
 _ENGINE_DEFAULTS = EngineConfig()
 # (flag name, kind, help). Defaults come from EngineConfig so the two can never disagree.
@@ -64,7 +64,6 @@ SERVE_FLAGS = (
 _DEFINE = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer, "float": flags.DEFINE_float,
            "bool": flags.DEFINE_boolean}
 _EXPECTED = {"string": "a string", "integer": "an integer", "float": "a number", "bool": "true or false"}
-_DEVICES = re.compile(r"^(cpu|gpu)(:\d+(,\d+)*)?$")
 
 
 class FlagError(ValueError):
@@ -156,11 +155,14 @@ def _check_model_path(path: str | None) -> None:
 
 def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> tuple[EngineConfig, ServeOptions]:
     """Validated EngineConfig + ServeOptions from parsed flags; raises FlagError (one line)."""
-    value = lambda name: flag_values[name].value  # noqa: E731
+    value = lambda name: flag_values[name].value
     engine_kwargs = {name.replace("-", "_"): value(name) for name, *_ in ENGINE_FLAGS}
     devices = engine_kwargs["devices"]
-    if devices is not None and not _DEVICES.match(devices):
-        raise FlagError(f"--devices={devices} is not allowed; use cpu, gpu, gpu:0,1 or cpu:0,1")
+    try:
+        if devices is not None:
+            parse_devices(devices)
+    except ValueError:  # worded as the command line was typed, like every other flag here
+        raise FlagError(f"--devices={devices} is not allowed; use one of {DEVICE_FORMS}") from None
     _check_model_path(engine_kwargs["model_path"])
     try:
         config = EngineConfig(**engine_kwargs)

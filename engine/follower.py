@@ -47,7 +47,7 @@ def _exit_later_on_sigterm(grace: float) -> None:
 def follow(config: EngineConfig, link: socket.socket, shutdown_timeout: float) -> int:
     """Runs the follower until process 0 stops it; returns the exit status (0 after a clean Stop)."""
     _exit_later_on_sigterm(shutdown_timeout + STOP_MARGIN_SECONDS)
-    from engine.model_loading import load_engine_parts
+    from engine.engine_parts import load_engine_parts
     runner = load_engine_parts(config).runner
     import jax
     log.info("follower %d ready: %d local devices", jax.process_index(), jax.local_device_count())

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from engine.config import ModelConfig, RopeScaling
+from engine.weights import WEIGHTS, Weight, check_param_shapes, param_shapes, tree as weight_tree
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +115,6 @@ def model_config_from_metadata(meta: dict[str, Any], path: str, rope_freqs: np.n
         rope_scaling=scaling)
 
 
-# GGUF per-layer tensor name -> (our parameter name, is a matrix to transpose to [in, out]).
-LAYER_TENSORS = {
-    "attn_norm": ("attn_norm", False), "attn_q": ("wq", True), "attn_k": ("wk", True),
-    "attn_v": ("wv", True), "attn_output": ("wo", True), "ffn_norm": ("mlp_norm", False),
-    "ffn_gate": ("w_gate", True), "ffn_up": ("w_up", True), "ffn_down": ("w_down", True),
-}
-
-
 def _dequantize(tensor, path: str) -> np.ndarray:
     """One GGUF tensor as float32 in numpy order ([out, in] for matrices)."""
     from gguf import quants
@@ -138,24 +131,29 @@ def _dequantize(tensor, path: str) -> np.ndarray:
     return np.asarray(out, dtype=np.float32).reshape(shape)
 
 
-def _layer_params(tensors: dict, num_layers: int, path: str) -> dict[str, np.ndarray]:
-    stacked = {}
-    for gguf_name, (name, transpose) in LAYER_TENSORS.items():
-        per_layer = []
-        for i in range(num_layers):
-            t = tensors.get(f"blk.{i}.{gguf_name}.weight")
-            if t is None:
-                raise ModelLoadError(f"{path}: missing tensor 'blk.{i}.{gguf_name}.weight'")
-            w = _dequantize(t, path)
-            per_layer.append(w.T if transpose else w)
-        stacked[name] = np.ascontiguousarray(np.stack(per_layer))
-    return stacked
+_EMBED, _LM_HEAD = (next(w for w in WEIGHTS if w.name == n) for n in ("embed", "lm_head"))
+
+
+def _tensor(tensors: dict, name: str, path: str):
+    if name not in tensors:
+        raise ModelLoadError(f"{path}: missing tensor {name!r}")
+    return tensors[name]
+
+
+def _read(tensors: dict, w: Weight, num_layers: int, path: str) -> np.ndarray:
+    """One parameter as float32 in our layout (engine/weights.py): transposed to [in, out] where GGUF
+    stores [out, in], per-layer tensors stacked on a leading axis."""
+    def one(name):
+        a = _dequantize(_tensor(tensors, name, path), path)
+        return a.T if w.transpose else a
+    if not w.per_layer:
+        return np.ascontiguousarray(one(f"{w.gguf}.weight"))
+    return np.ascontiguousarray(np.stack([one(f"blk.{i}.{w.gguf}.weight") for i in range(num_layers)]))
 
 
 def load_gguf(path: str) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
-    """Reads a llama-family GGUF. Returns (config, params, metadata); params are float32 numpy arrays:
-    embed [V, d]; layers: attn_norm/mlp_norm [L, d], wq [L, d, Hq*D], wk/wv [L, d, Hkv*D], wo [L, Hq*D, d],
-    w_gate/w_up [L, d, F], w_down [L, F, d]; final_norm [d]; lm_head [d, V]."""
+    """Reads a llama-family GGUF. Returns (config, params, metadata); params are float32 numpy arrays in
+    the canonical tree of engine/weights.py (names, shapes in terms of the config, GGUF tensor names)."""
     from engine.gguf_metadata import read_metadata
     reader = open_gguf(path)
     try:
@@ -163,34 +161,15 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
     except Exception as e:
         raise ModelLoadError(f"{path}: GGUF metadata could not be read ({type(e).__name__}: {e})") from None
     tensors = {t.name: t for t in reader.tensors}
-    if "token_embd.weight" not in tensors:
-        raise ModelLoadError(f"{path}: missing tensor 'token_embd.weight'")
-    embed = _dequantize(tensors["token_embd.weight"], path)
+    # The embedding first: its rows are the vocabulary size when the metadata does not say.
+    embed = _read(tensors, _EMBED, 0, path)
     rope_freqs = _dequantize(tensors["rope_freqs.weight"], path) if "rope_freqs.weight" in tensors else None
-    config = model_config_from_metadata(meta, path, rope_freqs, "output.weight" in tensors, embed.shape[0])
-    if embed.shape != (config.vocab_size, config.hidden_size):
-        raise ModelLoadError(f"{path}: token_embd has shape {embed.shape}, expected "
-                             f"({config.vocab_size}, {config.hidden_size})")
-    if "output_norm.weight" not in tensors:
-        raise ModelLoadError(f"{path}: missing tensor 'output_norm.weight'")
-    lm_head = _dequantize(tensors["output.weight"], path) if "output.weight" in tensors else embed
-    params = {
-        "embed": embed,
-        "layers": _layer_params(tensors, config.num_layers, path),
-        "final_norm": _dequantize(tensors["output_norm.weight"], path),
-        # Stored pre-transposed: x @ E.T cost 12 ms vs 2.3 ms for a [d, V] matrix on XLA CPU (FACTS.md).
-        "lm_head": np.ascontiguousarray(lm_head.T),
-    }
-    _check_shapes(config, params, path)
+    tied = f"{_LM_HEAD.gguf}.weight" not in tensors
+    config = model_config_from_metadata(meta, path, rope_freqs, not tied, embed.shape[0])
+    params = weight_tree((w.path, embed if w is _EMBED else np.ascontiguousarray(embed.T) if w is _LM_HEAD and tied
+                          else _read(tensors, w, config.num_layers, path)) for w in WEIGHTS)
+    try:
+        check_param_shapes(params, param_shapes(config))
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: {e} from the metadata") from None
     return config, params, meta
-
-
-def _check_shapes(c: ModelConfig, params: dict, path: str) -> None:
-    L, d, F, q, kv = c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim, \
-        c.num_kv_heads * c.head_dim
-    want = {"wq": (L, d, q), "wk": (L, d, kv), "wv": (L, d, kv), "wo": (L, q, d), "attn_norm": (L, d),
-            "mlp_norm": (L, d), "w_gate": (L, d, F), "w_up": (L, d, F), "w_down": (L, F, d)}
-    for name, shape in want.items():
-        if params["layers"][name].shape != shape:
-            raise ModelLoadError(f"{path}: layer tensor {name} has shape {params['layers'][name].shape}, "
-                                 f"expected {shape} from the metadata")

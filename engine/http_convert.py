@@ -84,14 +84,15 @@ def build(body: CompletionRequest | ChatCompletionRequest, engine) -> tuple[Requ
     chat = isinstance(body, ChatCompletionRequest)
     _check_common(body, engine)
     fields = frozenset(type(body).model_fields)
+    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     try:
+        request_builder.check_cheap_limits("", body.cache_salt or "", stop, engine.config)
         if chat:
             kind, value = "messages", _chat_messages(body)
             max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         else:
             (kind, value), max_tokens = _completion_prompt(body.prompt), body.max_tokens
-        ids = request_builder.prompt_ids(kind, value, engine.tokenizer)
-        stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        ids = request_builder.prompt_ids(kind, value, engine.tokenizer, engine.config)
         sampling = request_builder.sampling_params(
             kind, len(ids), engine.config.max_length, max_tokens=max_tokens,
             temperature=OPENAI_DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine import http_convert
+from engine.front_end_gate import FrontEndGate, GateClosed
 from engine.http_errors import HttpError, error_response, install_handlers, param_of
 from engine.http_models import ChatCompletionRequest, CompletionRequest
 from engine.http_stream import EngineResponse
@@ -67,17 +68,14 @@ class _Uvicorn(uvicorn.Server):
             self.ready.set()
 
 
-class HttpFrontEnd:
-    """The HTTP server and the state its routes share (engine, draining flag, in-flight count)."""
+class HttpFrontEnd(FrontEndGate):
+    """The HTTP server and the state its routes share; the lifecycle (attach, drain, mark_failed, wait_idle)
+    and the in-flight count are the FrontEndGate's."""
 
     def __init__(self, metrics: ServerMetrics, host: str = "127.0.0.1", port: int = 0):
+        super().__init__()
         self.metrics = metrics
-        self.engine = None
         self.executor: ThreadPoolExecutor | None = None   # blocking RequestStream reads, one per stream
-        self._draining = False
-        self._failure: str | None = None
-        self._cond = threading.Condition()
-        self._in_flight = 0
         self._created = int(time.time())
         self._socket = bind_socket(host, port)
         self.port = self._socket.getsockname()[1]
@@ -99,26 +97,7 @@ class HttpFrontEnd:
         cfg = engine.config
         # Every admitted stream blocks one reader thread while it waits for tokens (as gRPC's workers do).
         self.executor = ThreadPoolExecutor(cfg.max_batch_size + cfg.max_waiting_requests + 8, "http-stream")
-        with self._cond:
-            self.engine = engine
-
-    def drain(self) -> None:
-        with self._cond:
-            self._draining = True
-
-    def mark_failed(self, reason: str) -> None:
-        """The engine died: /health and every generation request answer 503 from now on."""
-        with self._cond:
-            self._failure = reason
-
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
-    def wait_idle(self, timeout: float | None) -> bool:
-        """Blocks until no generation request is in flight; False if `timeout` passed first."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._in_flight == 0, timeout)
+        super().attach(engine)
 
     def stop(self) -> None:
         self._server.should_exit = True
@@ -130,27 +109,18 @@ class HttpFrontEnd:
 
     # -- used by the routes ----------------------------------------------------------------------------
     def ready_engine(self):
-        """The engine, or HttpError 503 while the model loads or the server drains."""
-        if self._failure is not None:
-            raise HttpError(503, f"the engine stopped after a fault ({self._failure}); retry on a restarted "
-                                 "server", code="unavailable")
-        if self._draining:
-            raise HttpError(503, "the server is shutting down", code="unavailable")
-        if self.engine is None:
-            raise HttpError(503, "the model is still loading; retry shortly", code="unavailable")
-        return self.engine
+        """The engine, or HttpError 503 while the model loads, the server drains or the engine is dead."""
+        try:
+            return super().ready_engine()
+        except GateClosed as e:
+            raise HttpError(503, str(e), code="unavailable") from None
 
     def enter(self):
         """Counts one generation request as in flight; returns the engine (HttpError 503 if none)."""
-        with self._cond:
-            engine = self.ready_engine()
-            self._in_flight += 1
-            return engine
-
-    def leave(self) -> None:
-        with self._cond:
-            self._in_flight -= 1
-            self._cond.notify_all()
+        try:
+            return super().enter()
+        except GateClosed as e:
+            raise HttpError(503, str(e), code="unavailable") from None
 
     def model_card(self) -> dict:
         engine = self.ready_engine()

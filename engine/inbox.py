@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from engine.output_processor import RequestState
+from engine.request_state import RequestState
 from engine.request import (DuplicateRequestError, EngineUnavailableError, FinishReason, QueueFullError, Request,
                             RequestError, RequestOutput, RequestStream)
 

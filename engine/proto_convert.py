@@ -11,7 +11,6 @@ from google.protobuf.message import DecodeError
 
 from engine import request_builder
 from engine.request import FinishReason, Request, RequestOutput
-from engine.request_checks import check_identifiers, check_prompt_text, check_stop, messages_bytes
 from engine.request_builder import InvalidRequest  # the servicer catches it from here
 from engine.sampling_params import SamplingParams
 from engine.v1 import engine_pb2 as pb
@@ -89,7 +88,7 @@ def prompt_token_ids(request: pb.GenerateRequest, engine) -> tuple[str, list[int
         value = [{"role": m.role, "content": m.content} for m in request.messages.messages]
     else:
         value = list(request.prompt_token_ids.ids)
-    return kind, request_builder.prompt_ids(kind, value, engine.tokenizer)
+    return kind, request_builder.prompt_ids(kind, value, engine.tokenizer, engine.config)
 
 
 def sampling_params(s: pb.SamplingParams, kind: str, prompt_len: int, max_length: int) -> SamplingParams:
@@ -100,26 +99,11 @@ def sampling_params(s: pb.SamplingParams, kind: str, prompt_len: int, max_length
         seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop), ignore_eos=s.ignore_eos)
 
 
-def check_cheap_limits(request: pb.GenerateRequest, config) -> None:
-    """The limits that need no tokenizer, so an oversized request costs almost nothing; raises InvalidRequest."""
-    try:
-        check_identifiers(request.request_id, request.cache_salt)
-        check_stop(request.sampling.stop, config)
-        kind = request.WhichOneof("input")
-        if kind == "prompt":
-            check_prompt_text("prompt", len(request.prompt.encode()), config)
-        elif kind == "messages":
-            check_prompt_text("messages", messages_bytes(
-                [{"role": m.role, "content": m.content} for m in request.messages.messages]), config)
-    except ValueError as e:
-        raise InvalidRequest(str(e)) from None
-
-
 def build_request(request, engine) -> Request:
     """Validates and tokenizes one GenerateRequest; raises InvalidRequest naming the field."""
     if request is UNDECODABLE:
         raise InvalidRequest("request: not a valid engine.v1.GenerateRequest")
-    check_cheap_limits(request, engine.config)
+    request_builder.check_cheap_limits(request.request_id, request.cache_salt, request.sampling.stop, engine.config)
     kind, ids = prompt_token_ids(request, engine)
     sampling = sampling_params(request.sampling, kind, len(ids), engine.config.max_length)
     return request_builder.make_request(request.request_id, ids, sampling, request.cache_salt)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import uuid
 
+from engine.config import EngineConfig
 from engine.request import Request
+from engine.request_checks import check_before_tokenizing, check_prompt_size
 from engine.sampling_params import SamplingParams
 
 DEFAULT_MAX_TOKENS = 256  # for an unset max_tokens (lowered to what fits in --max-length)
@@ -19,6 +21,15 @@ PROMPT_KINDS = ("prompt", "messages", "prompt_token_ids")
 
 class InvalidRequest(ValueError):
     """A client error; the message names the offending field (gRPC INVALID_ARGUMENT, HTTP 400)."""
+
+
+def check_cheap_limits(request_id: str, cache_salt: str, stop, config: EngineConfig) -> None:
+    """The limits that need no tokenizer (identifiers, stop strings), so an oversized request costs almost
+    nothing; raises InvalidRequest. The prompt's own size is checked by `prompt_ids`, before it tokenizes."""
+    try:
+        check_before_tokenizing(request_id, cache_salt, stop, config)
+    except ValueError as e:
+        raise InvalidRequest(str(e)) from None
 
 
 def _encode_chat(messages: list[dict], tokenizer) -> list[int]:
@@ -32,13 +43,18 @@ def _encode_chat(messages: list[dict], tokenizer) -> list[int]:
         raise InvalidRequest(str(e)) from None
 
 
-def prompt_ids(kind: str, value, tokenizer) -> list[int]:
-    """Token ids of one prompt; raises InvalidRequest naming `kind`.
+def prompt_ids(kind: str, value, tokenizer, config: EngineConfig) -> list[int]:
+    """Token ids of one prompt; raises InvalidRequest naming `kind`. Text over --max-prompt-bytes is refused
+    before it is tokenized.
 
     kind: "prompt" (value: str, special-token text is that token, BOS per the GGUF), "messages" (value: a
     list of {"role", "content"} dicts, rendered with the chat template) or "prompt_token_ids" (value: ints,
     range-checked later by engine.add_request, which names the index).
     """
+    try:
+        check_prompt_size(kind, value, config)
+    except ValueError as e:
+        raise InvalidRequest(str(e)) from None
     if kind == "prompt":
         if not value:
             raise InvalidRequest("prompt is empty")
@@ -67,12 +83,18 @@ def sampling_params(kind: str, prompt_len: int, max_length: int, *, max_tokens: 
                              f"(--max-length={max_length} counts prompt + completion)")
     try:
         return SamplingParams(
-            max_tokens=max_tokens if max_tokens is not None else min(DEFAULT_MAX_TOKENS, room),
+            max_tokens=max_tokens if max_tokens is not None else default_max_tokens(prompt_len, max_length),
             temperature=temperature, top_p=top_p if top_p is not None else 1.0, top_k=top_k, seed=seed,
             stop=tuple(stop), ignore_eos=ignore_eos)
     except ValueError as e:  # SamplingParams names the field: "sampling.top_p=..."
         raise InvalidRequest(str(e)) from None
     # prompt + max_tokens vs --max-length: checked by engine.add_request
+
+
+def default_max_tokens(prompt_len: int, max_length: int) -> int:
+    """An unset max_tokens (gRPC, HTTP, batch jobs): DEFAULT_MAX_TOKENS, lowered to what fits in --max-length
+    after the prompt (< 1 when nothing fits)."""
+    return min(DEFAULT_MAX_TOKENS, max_length - prompt_len)
 
 
 def make_request(request_id: str, ids: list[int], sampling: SamplingParams, cache_salt: str = "") -> Request:

@@ -44,6 +44,12 @@ def check_stop(stop: Sequence[str], config: EngineConfig) -> None:
                              f"{config.max_stop_string_length} allows at most {config.max_stop_string_length}")
 
 
+def check_before_tokenizing(request_id: str, cache_salt: str, stop: Sequence[str], config: EngineConfig) -> None:
+    """What a front end checks before it tokenizes anything (the prompt's own size: check_prompt_size)."""
+    check_identifiers(request_id, cache_salt)
+    check_stop(stop, config)
+
+
 def check_prompt_text(field: str, num_bytes: int, config: EngineConfig) -> None:
     """`field` ("prompt", "messages") holds `num_bytes` bytes of UTF-8 text, still to be tokenized."""
     limit = prompt_bytes_limit(config)
@@ -57,6 +63,27 @@ def messages_bytes(messages) -> int:
     return sum(len(str(m.get("role", "")).encode()) + len(str(m.get("content", "")).encode()) for m in messages)
 
 
+def check_prompt_size(kind: str, value, config: EngineConfig) -> None:
+    """Before tokenizing: kind "prompt" (value: str) or "messages" (value: {"role", "content"} dicts) within
+    --max-prompt-bytes. Token ids ("prompt_token_ids") are counted by check_request, before their scan."""
+    if kind == "prompt":
+        check_prompt_text("prompt", len(value.encode()), config)
+    elif kind == "messages":
+        check_prompt_text("messages", messages_bytes(value), config)
+
+
+def check_prompt_length(num_tokens: int, max_length: int, page_size: int, total_pages: int) -> None:
+    """A prompt that could never run: empty, no room left for one token under --max-length, or more pages
+    than the whole pool (`total_pages` usable pages of `page_size`)."""
+    if not num_tokens:
+        raise ValueError("prompt is empty: give at least one token")
+    if num_tokens >= max_length:
+        raise ValueError(f"prompt has {num_tokens} tokens; --max-length={max_length} allows at most {max_length - 1}")
+    if -(-num_tokens // page_size) > total_pages:
+        raise ValueError(f"prompt has {num_tokens} tokens, more than the whole KV pool holds "
+                         f"(--kv-cache-pages={total_pages + 1})")
+
+
 def check_request(request: Request, config: EngineConfig, vocab_size: int, total_pages: int) -> None:
     """Everything a tokenized request must satisfy to run on an engine with this (resolved) config and
     `total_pages` usable KV pages. Raises ValueError naming the field."""
@@ -64,17 +91,11 @@ def check_request(request: Request, config: EngineConfig, vocab_size: int, total
     check_stop(request.sampling.stop, config)
     request.sampling.validate()
     ids, limit = request.prompt_token_ids, config.max_length
-    if not ids:
-        raise ValueError("prompt is empty: give at least one token")
-    if len(ids) >= limit:  # before the vocabulary scan: a huge id list is refused in O(1)
-        raise ValueError(f"prompt has {len(ids)} tokens; --max-length={limit} allows at most {limit - 1}")
+    # Before the vocabulary scan: a huge id list is refused in O(1).
+    check_prompt_length(len(ids), limit, config.kv_cache_page_size, total_pages)
     bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise ValueError(f"prompt_token_ids[{bad}]={ids[bad]} is outside the vocabulary [0, {vocab_size})")
     if len(ids) + request.sampling.max_tokens > limit:
         raise ValueError(f"sampling.max_tokens={request.sampling.max_tokens} with a {len(ids)}-token prompt "
                          f"exceeds --max-length={limit}; ask for at most {limit - len(ids)}")
-    pages = -(-len(ids) // config.kv_cache_page_size)
-    if pages > total_pages:
-        raise ValueError(f"prompt has {len(ids)} tokens, more than the whole KV pool holds "
-                         f"(--kv-cache-pages={config.kv_cache_pages})")

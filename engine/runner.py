@@ -24,7 +24,7 @@ from engine.device_params import FusedShapes, param_bytes, to_device_params
 from engine.model import ModelSpec, StepInputs, forward
 from engine.sampling import SamplingInputs, sample
 from engine.sequence import PLACEHOLDER
-from engine.sharding import AXIS, Layout, check_param_shapes, param_shapes
+from engine.sharding import Layout, check_param_shapes, param_shapes
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class ModelRunner:
             at += r.n
             sp = seq.sampling
             temp[i], top_p[i], top_k[i] = sp.temperature, sp.top_p, sp.top_k
-            seed[i], spos[i] = (seq.seed or 0) & 0xFFFFFFFF, r.start + r.n   # the engine seeds every request
+            seed[i], spos[i] = seq.seed, r.start + r.n   # the engine seeds every request at admission
         starts[1:len(rows) + 1] = np.cumsum([r.n for r in rows])
         starts[len(rows) + 1:] = at
         return (StepInputs(tokens, positions, slots, table, ctx, starts, last),

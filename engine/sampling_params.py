@@ -59,7 +59,3 @@ class SamplingParams:
             raise ValueError("sampling.stop contains an empty string; stop strings must be non-empty")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"sampling.ignore_eos={self.ignore_eos!r} is not allowed; it must be true or false")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0

@@ -20,8 +20,9 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager, pages_for
+from engine.block_manager import BlockManager
 from engine.request import FinishReason, QueueFullError
+from engine.request_checks import check_prompt_length
 from engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 
@@ -97,12 +98,8 @@ class Scheduler:
         ValueError for a prompt that could never run (empty, >= max_length, or larger than the pool)."""
         if len(self.waiting) >= self.max_waiting:
             raise QueueFullError(f"the waiting queue holds max_waiting={self.max_waiting} requests")
-        n = seq.num_tokens
-        if not 0 < n < self.max_length:
-            raise ValueError(f"prompt has {n} tokens; it must have 1 to max_length - 1 = {self.max_length - 1}")
         bm = self.block_manager
-        if pages_for(n, bm.page_size) > bm.num_total_pages:
-            raise ValueError(f"prompt has {n} tokens; the KV cache holds {bm.num_total_pages * bm.page_size}")
+        check_prompt_length(seq.num_tokens, self.max_length, bm.page_size, bm.num_total_pages)
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
@@ -124,10 +121,6 @@ class Scheduler:
             self._admit_waiting(step)
         return SchedulerOutput(tuple(step.decodes), tuple(step.prefills), tuple(step.preempted),
                                tuple(step.finished))
-
-    def update(self, output: SchedulerOutput, sampled: Mapping[str, int]) -> list[Sequence]:
-        """Book a step whose tokens are known: `advance` then `complete` (the synchronous path)."""
-        return self.complete(output, self.advance(output), sampled)
 
     def advance(self, output: SchedulerOutput) -> list[tuple[Sequence, int]]:
         """Book a step the runner has launched, before its tokens are back (so the next step can be

@@ -28,7 +28,6 @@ class Sequence:
     """
 
     def __init__(self, request: Request):
-        self.request = request
         self.request_id = request.request_id
         self.sampling = request.sampling
         self.cache_salt = request.cache_salt

@@ -57,8 +57,9 @@ def _address(host: str, port: int) -> str:
 
 
 def _check_port_free(host: str, port: int) -> None:
-    """Fails in one line when the host does not resolve or nothing can listen on host:port. gRPC would say so too, but only after
-    logging a multi-line core error; a plain bind probe (same SO_REUSEADDR as gRPC) says it cleanly."""
+    """Fails in one line when the host does not resolve or nothing can listen on host:port. gRPC would say so
+    too, but only after logging a multi-line core error; a plain bind probe (same SO_REUSEADDR as gRPC) says
+    it cleanly."""
     try:
         addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as e:
@@ -183,7 +184,7 @@ class EngineServer:
         if not all(f.wait_idle(max(0.0, drain_until - time.monotonic())) for f in self._front_ends):
             logging.warning("shutdown: aborting the streams still running after %.1f s", timeout)
         deadline = time.monotonic() + ABORT_RESERVE_SECONDS
-        left = lambda: max(0.0, deadline - time.monotonic())  # noqa: E731
+        left = lambda: max(0.0, deadline - time.monotonic())
         engine = self.servicer.engine
         if engine is not None:  # remaining streams get a last message with ABORT
             engine.shutdown(abort_inflight=True, timeout=ABORT_RESERVE_SECONDS * 2 / 3)

@@ -17,6 +17,7 @@ import threading
 
 import grpc
 
+from engine.front_end_gate import FrontEndGate, GateClosed, GateFull
 from engine.metrics import ServerMetrics
 from engine.proto_convert import InvalidRequest, build_request, parse_generate_request, to_response
 from engine.request import (DuplicateRequestError, EngineUnavailableError, ErrorCode, FinishReason, QueueFullError,
@@ -56,42 +57,13 @@ class _Call:
             self._engine.abort(self.request_id, self.stream)  # this call's request only, never a newer one
 
 
-class EngineServicer(engine_pb2_grpc.EngineServicer):
-    """Generate and GetModelInfo; counts in-flight streams so a shutdown can wait for them."""
+class EngineServicer(FrontEndGate, engine_pb2_grpc.EngineServicer):
+    """Generate and GetModelInfo. The lifecycle (attach, drain, mark_failed, wait_idle: the server's calls)
+    and the in-flight count, at most --max-concurrent-rpcs Generate calls, are the FrontEndGate's."""
 
     def __init__(self, metrics: ServerMetrics | None = None, max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS):
+        super().__init__(max_in_flight=max_concurrent_rpcs)
         self._metrics = metrics
-        self._engine = None
-        self._draining = False
-        self._failure: str | None = None
-        self._cond = threading.Condition()
-        self._in_flight = 0
-        self.max_concurrent_rpcs = max_concurrent_rpcs
-
-    # -- lifecycle -----------------------------------------------------------------------------------
-    def attach(self, engine) -> None:
-        """Starts serving requests with `engine` (warmed up and started)."""
-        with self._cond:
-            self._engine = engine
-
-    def drain(self) -> None:
-        """Stops admitting: new calls get UNAVAILABLE; calls already streaming carry on."""
-        with self._cond:
-            self._draining = True
-
-    def mark_failed(self, reason: str) -> None:
-        """The engine is dead: new calls get UNAVAILABLE naming `reason` (in-flight ones end UNAVAILABLE too)."""
-        with self._cond:
-            self._failure = reason
-
-    def wait_idle(self, timeout: float | None) -> bool:
-        """Blocks until no Generate call is in flight; False if `timeout` passed first."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._in_flight == 0, timeout)
-
-    @property
-    def engine(self):
-        return self._engine
 
     # -- RPCs ----------------------------------------------------------------------------------------
     def Generate(self, request, context):
@@ -99,12 +71,10 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         try:
             yield from self._generate(engine, request, context)
         finally:
-            with self._cond:
-                self._in_flight -= 1
-                self._cond.notify_all()
+            self.leave()
 
     def GetModelInfo(self, request, context):
-        engine = self._engine
+        engine = self.engine
         if engine is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
         cfg, model = engine.config, engine.model_config
@@ -115,21 +85,15 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
 
     # -- Generate, step by step ----------------------------------------------------------------------
     def _enter(self, context):
-        """The engine to use, counting this call as in flight; UNAVAILABLE while loading or draining."""
-        with self._cond:
-            if self._failure is not None:
-                context.abort(grpc.StatusCode.UNAVAILABLE, f"the engine stopped after a fault ({self._failure}); "
-                                                           "the server is restarting, retry shortly")
-            if self._draining:
-                context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-            if self._engine is None:
-                context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
-            if self._in_flight >= self.max_concurrent_rpcs:  # checked first thing: a refusal costs no work
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"{self._in_flight} Generate calls are in flight "
-                              f"(--max-concurrent-rpcs={self.max_concurrent_rpcs}); retry later")
-            self._in_flight += 1
-            return self._engine
+        """The engine to use, counting this call as in flight; UNAVAILABLE while loading, draining or dead,
+        RESOURCE_EXHAUSTED at --max-concurrent-rpcs."""
+        try:
+            return self.enter()
+        except GateClosed as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except GateFull as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e.in_flight} Generate calls are in flight "
+                          f"(--max-concurrent-rpcs={self.max_in_flight}); retry later")
 
     def _generate(self, engine, request, context):
         timer = self._metrics.tracker() if self._metrics else None  # TTFT counts tokenization and queueing
@@ -189,7 +153,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         except ValueError as e:  # the engine's own checks name the field
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except RuntimeError:
-            if not self._draining:
+            if not self.draining:
                 raise  # an engine bug: let gRPC report UNKNOWN and log the traceback
             context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
 

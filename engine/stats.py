@@ -18,6 +18,7 @@ class EngineStats:
     preemptions: int = 0                   # cumulative
     step_failures: int = 0                 # cumulative: engine steps that raised (each failed its requests)
     num_compilations: int = 0              # cumulative: jitted step compilations
+    num_step_shapes: int = 0               # the step shapes (buckets) warm-up compiles
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -8,18 +8,9 @@ from __future__ import annotations
 # Imported eagerly, not inside the traced call: importing Pallas registers JAX trace-context settings,
 # so a first trace made before that import would be retraced (recompiled) on the next call.
 from kernels import pallas_gpu
+# resolve_backend is re-exported: callers choose the backend and call the kernel through this one module.
+from kernels.backends import resolve_backend  # noqa: F401
 from kernels.reference import paged_attention_reference
-
-BACKENDS = ("auto", "pallas", "reference")
-
-
-def resolve_backend(name: str, platform: str) -> str:
-    """Maps a --attention-backend value and a device platform ('cpu', 'gpu'/'cuda') to 'pallas' or 'reference'."""
-    if name not in BACKENDS:
-        raise ValueError(f"--attention-backend={name!r} is not allowed; choose one of {', '.join(BACKENDS)}")
-    if name == "auto":
-        return "pallas" if platform in ("gpu", "cuda") else "reference"
-    return name
 
 
 def paged_attention(q_nhd, k_pool, v_pool, page_table, context_lens, query_start, *, scale,

@@ -25,17 +25,15 @@ from concurrent.futures import ThreadPoolExecutor
 from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from anywhere in the checkout
-from engine.flags import ENGINE_FLAGS  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
-from scripts.batch_io import (Item, OrderedWriter, error_record, open_output, read_done,  # noqa: E402
+from engine import ENGINE_OPTIONS
+from scripts.batch_io import (Item, OrderedWriter, error_record, open_output, read_done,
                               read_input, result_record, rewrite_in_order)
-from scripts.durable_io import fsync_dir  # noqa: E402
+from scripts.durable_io import fsync_dir
 
 _ARG_TYPES = {"string": str, "integer": int, "float": float}
 # Engine flags that mean nothing here: caching has its own switch (on by default for batch jobs).
-_SKIPPED_ENGINE_FLAGS = ("enable-prefix-caching",)
+_SKIPPED_ENGINE_OPTIONS = ("enable-prefix-caching",)
 CONNECT_TIMEOUT_S = 30
-DEFAULT_MAX_TOKENS = 256  # the server's default when max_tokens is unset, lowered to what fits
 
 
 class OfflineBackend:
@@ -47,15 +45,9 @@ class OfflineBackend:
 
     def _request(self, item: Item):
         """(prompt ids, SamplingParams) for the item; ValueError when the engine cannot run it."""
-        from engine.request import Request
-        tok = self.llm.tokenizer
-        ids = {"prompt": tok.encode, "messages": tok.encode_chat,
-               "prompt_token_ids": list}[item.kind](item.value)
-        sampling = dict(item.sampling)
-        if "max_tokens" not in sampling:  # as the server does: the default, lowered to what fits
-            sampling["max_tokens"] = max(1, min(DEFAULT_MAX_TOKENS, self.llm.engine.config.max_length - len(ids)))
-        params = SamplingParams(**sampling)
-        self.llm.engine.validate(Request("batch-check", tuple(ids), params))
+        ids = list(self.llm.prompt_token_ids(item.value))
+        params = self.llm.sampling_params(len(ids), **item.sampling)  # an unset max_tokens: as the server
+        self.llm.validate(ids, params)
         return ids, params
 
     def run(self, items: list[Item], emit) -> None:
@@ -90,7 +82,8 @@ class ServerBackend:
         from engine.v1 import engine_pb2, engine_pb2_grpc
         self.grpc, self.pb = grpc, engine_pb2
         self.channel = grpc.insecure_channel(target)
-        self.stub, self.max_concurrency, self.timeout = engine_pb2_grpc.EngineStub(self.channel), max_concurrency, timeout
+        self.stub = engine_pb2_grpc.EngineStub(self.channel)
+        self.max_concurrency, self.timeout = max_concurrency, timeout
         try:  # fail once, clearly, rather than once per line
             grpc.channel_ready_future(self.channel).result(timeout=CONNECT_TIMEOUT_S)
         except grpc.FutureTimeoutError:
@@ -150,8 +143,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="skip the ids the output file already has results for")
     p.add_argument("--no-prefix-caching", action="store_true", help="offline: turn prefix caching off")
     engine = p.add_argument_group("offline engine flags (as `python -m engine.server`)")
-    for name, kind, help_text in ENGINE_FLAGS:
-        if name in _SKIPPED_ENGINE_FLAGS:
+    for name, kind, help_text in ENGINE_OPTIONS:
+        if name in _SKIPPED_ENGINE_OPTIONS:
             continue
         if kind == "bool":   # --async-scheduling / --no-async-scheduling; unset keeps the engine's default
             engine.add_argument("--" + name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -159,7 +152,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             engine.add_argument("--" + name, type=_ARG_TYPES[kind], help=help_text)
     args = p.parse_args(argv)
     args.engine_options = {name.replace("-", "_"): getattr(args, name.replace("-", "_"))
-                           for name, _, _ in ENGINE_FLAGS if name not in _SKIPPED_ENGINE_FLAGS
+                           for name, _, _ in ENGINE_OPTIONS if name not in _SKIPPED_ENGINE_OPTIONS
                            and getattr(args, name.replace("-", "_")) is not None}
     if args.target and (args.engine_options or args.no_prefix_caching):
         given = ", ".join("--" + k.replace("_", "-") for k in args.engine_options) or "--no-prefix-caching"
@@ -179,7 +172,7 @@ def _make_backend(args):
 
 def _summary(records: list[dict], skipped: int, seconds: float) -> str:
     ok = [r for r in records if "error" not in r]
-    usage = lambda key: sum(r["usage"][key] for r in ok)  # noqa: E731
+    usage = lambda key: sum(r["usage"][key] for r in ok)
     return (f"batch_generate: {len(ok)} ok, {len(records) - len(ok)} failed, {skipped} skipped; "
             f"{usage('prompt_tokens')} prompt tokens ({usage('cached_prompt_tokens')} cached), "
             f"{usage('completion_tokens')} completion tokens; {seconds:.1f} s")

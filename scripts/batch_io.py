@@ -9,10 +9,11 @@ import json
 import os
 from dataclasses import dataclass
 
-from engine.sampling_params import SamplingParams
+from engine import SamplingParams
 from scripts.durable_io import fsync_dir
 
 INPUTS = ("prompt", "messages", "prompt_token_ids")
+_INPUT_FORMS = {"prompt": "string", "messages": "list of {role, content}", "prompt_token_ids": "list of ints"}
 SAMPLING_TYPES = {"max_tokens": int, "temperature": (int, float), "top_p": (int, float), "top_k": int,
                   "seed": int, "stop": (str, list), "ignore_eos": bool}
 
@@ -63,7 +64,7 @@ def parse_line(text: str, index: int, line: int) -> Item:
               isinstance(t, int) and not isinstance(t, bool) for t in v)}[kind](value)
     if not ok:
         raise ValueError(f"{kind} must be a non-empty "
-                         f"{ {'prompt': 'string', 'messages': 'list of {role, content}', 'prompt_token_ids': 'list of ints'}[kind]}")
+                         f"{_INPUT_FORMS[kind]}")
     return Item(index, line, obj["id"], kind, value, _check_sampling(obj))
 
 
@@ -80,7 +81,8 @@ def read_input(path: str) -> tuple[list[Item], dict[int, dict]]:
             errors[index] = error_record(item_id, n, f"line {n}: {e}")
             continue
         if item.id in seen:
-            errors[index] = error_record(item.id, n, f"line {n}: duplicate id {item.id!r} (first on line {seen[item.id]})")
+            errors[index] = error_record(item.id, n,
+                                         f"line {n}: duplicate id {item.id!r} (first on line {seen[item.id]})")
             continue
         seen[item.id] = n
         items.append(item)

@@ -17,9 +17,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import numpy as np  # noqa: E402
+import numpy as np
 
-from engine import LLM, SamplingParams  # noqa: E402
+from engine import LLM, SamplingParams
 
 
 def median_time(fn, repeats: int) -> float:
@@ -40,7 +40,7 @@ def prefill_and_decode(llm, rng, repeats, quick):
     for n in ((128, 512) if quick else (128, 512, 2048)):
         p = rand_ids(rng, n)
         llm.generate(p, SamplingParams(max_tokens=1))  # compile
-        out[f"prefill_tok_s@{n}"] = n / median_time(lambda: llm.generate(p, SamplingParams(max_tokens=1)), repeats)
+        out[f"prefill_tok_s@{n}"] = n / median_time(lambda p=p: llm.generate(p, SamplingParams(max_tokens=1)), repeats)
     steps = 32 if quick else 128
     for b in (1, 16):
         out[f"decode_tok_s@batch{b}"] = decode_rate(llm, [rand_ids(rng, 16) for _ in range(b)], steps, repeats)
@@ -88,19 +88,12 @@ def ttft_cached_prefix(model_path, opts, rng, repeats):
 def peak_pages_16_shared(llm, system, rng):
     """Most KV pages in use while 16 requests sharing `system` run together (128 new tokens each, so all 16
     are alive at once even though their prefills are spread over many 512-token steps)."""
-    from engine.request import Request
-    eng = llm.engine
-    eng.reset_prefix_cache()
+    llm.reset_prefix_cache()
     llm.generate(system + rand_ids(rng, 8), SamplingParams(max_tokens=1))
-    streams = [eng.add_request(Request(f"peak-{i}-{time.time_ns()}", tuple(system + rand_ids(rng, 32)),
-                                       SamplingParams(max_tokens=128, ignore_eos=True))) for i in range(16)]
-    peak = 0
-    while not all(s.finished for s in streams):
-        eng.step()
-        peak = max(peak, eng.stats().kv_pages_used)
-        for s in streams:
-            s.drain()
-    return peak
+    used = [0]
+    llm.generate([system + rand_ids(rng, 32) for _ in range(16)], SamplingParams(max_tokens=128, ignore_eos=True),
+                 on_step=lambda: used.append(llm.stats().kv_pages_used))
+    return max(used)
 
 
 def mixed_run_compilations(model_path, opts, rng):
@@ -109,8 +102,9 @@ def mixed_run_compilations(model_path, opts, rng):
     sps = [SamplingParams(max_tokens=int(n), ignore_eos=True) for n in rng.integers(1, 40, 50)]
     t = time.perf_counter()
     llm.generate(ps, sps)
-    return {"compilations_50_mixed": llm.engine.runner.num_compilations, "mixed_run_s": time.perf_counter() - t,
-            "bucket_shapes": len(llm.engine.runner.buckets.all_shapes())}
+    stats = llm.stats()
+    return {"compilations_50_mixed": stats.num_compilations, "mixed_run_s": time.perf_counter() - t,
+            "bucket_shapes": stats.num_step_shapes}
 
 
 def zero_hit_cost(model_path, opts, rng, repeats):
@@ -149,8 +143,8 @@ def main():
         t = time.perf_counter()
         llm = LLM(args.model_path, **opts)
         results["load_s"] = time.perf_counter() - t
-        results["warmup_s"] = llm.engine.warmup()
-        results["warmup_programs"] = llm.engine.runner.num_compilations
+        results["warmup_s"] = llm.warmup()
+        results["warmup_programs"] = llm.stats().num_compilations
         results.update(prefill_and_decode(llm, rng, args.repeats, args.quick))
         del llm
     if "mixed" in only:

@@ -21,9 +21,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from anywhere in the checkout
-from scripts.bench_grpc import GrpcBackend  # noqa: E402
-from scripts.bench_openai import OpenAIBackend  # noqa: E402
-from scripts.bench_server import REPO_ROOT, free_ports  # noqa: E402
+from scripts.bench_grpc import GrpcBackend
+from scripts.bench_openai import OpenAIBackend
+from scripts.bench_server import REPO_ROOT, free_ports
 
 FAKE_SERVER = ("import sys; from engine.server import run; from tests.fake_engine import FakeEngine; "
                "run(sys.argv, engine_factory=lambda config: FakeEngine(config))")

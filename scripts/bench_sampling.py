@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from anywhere in the checkout
-from engine import sampling  # noqa: E402
-from engine.sampling import SamplingInputs  # noqa: E402
+from engine import sampling
+from engine.sampling import SamplingInputs
 
 SETTINGS = {  # name: (temperature, top_k, top_p)
     "greedy": (0.0, 0, 1.0),
@@ -89,7 +89,7 @@ def time_pair(fns, data, setting, calls):
     """Interleaved timing of each fn over the rotating batches: {name: ([wall ms], [cpu ms]) per call}."""
     B = data[0].shape[0]
     out = {name: ([], []) for name in fns}
-    for name, fn in fns.items():
+    for fn in fns.values():
         fn(data[0], inputs(B, *setting, 0)).block_until_ready()   # compile outside the timing
     for i in range(calls):
         x, s = data[i % len(data)], inputs(B, *setting, i)

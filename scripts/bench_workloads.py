@@ -158,15 +158,7 @@ def workload_params(name: str, spec: WorkloadSpec) -> dict:
 
 
 def load_tokenizer(model_path: str | None):
-    """The model's tokenizer without loading its weights (a GGUF file, or an engine checkpoint directory)."""
-    import json
-    import os
-
-    from engine.gguf_loader import open_gguf, resolve_model_path
-    from engine.gguf_metadata import read_metadata
-    from engine.tokenizer import Tokenizer
-    path = resolve_model_path(model_path)
-    if os.path.isdir(path):  # engine/checkpoint.py keeps the GGUF's tokenizer.* keys in this file
-        with open(os.path.join(path, "tokenizer_metadata.json"), encoding="utf-8") as f:
-            return Tokenizer.from_gguf_metadata(json.load(f), source=path)
-    return Tokenizer.from_gguf_metadata(read_metadata(open_gguf(path)), source=path)
+    """The model's tokenizer without loading its weights (engine.load_tokenizer: a GGUF file, or an engine
+    checkpoint directory); imported on use so the workloads need no engine to be built."""
+    from engine import load_tokenizer as engine_load_tokenizer
+    return engine_load_tokenizer(model_path)

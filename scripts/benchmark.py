@@ -35,12 +35,12 @@ import grpc
 from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from anywhere in the checkout
-from scripts import bench_report, bench_workloads  # noqa: E402
-from scripts.bench_grpc import GrpcBackend  # noqa: E402
-from scripts.bench_openai import OpenAIBackend  # noqa: E402
-from scripts.bench_report import RequestResult  # noqa: E402
-from scripts.bench_server import LaunchedServer, ServerStartError, scrape_counters  # noqa: E402
-from scripts.bench_workloads import Session, WorkloadSpec  # noqa: E402
+from scripts import bench_report, bench_workloads
+from scripts.bench_grpc import GrpcBackend
+from scripts.bench_openai import OpenAIBackend
+from scripts.bench_report import RequestResult
+from scripts.bench_server import LaunchedServer, ServerStartError, scrape_counters
+from scripts.bench_workloads import Session, WorkloadSpec
 
 
 def _join_launch(argv: list[str]) -> list[str]:

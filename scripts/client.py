@@ -16,8 +16,8 @@ import sys
 import grpc
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from anywhere in the checkout
-from engine.v1 import engine_pb2 as pb  # noqa: E402
-from engine.v1 import engine_pb2_grpc  # noqa: E402
+from engine.v1 import engine_pb2 as pb
+from engine.v1 import engine_pb2_grpc
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -19,8 +19,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.config import DTYPES  # noqa: E402
-from scripts.durable_io import fsync_dir, fsync_tree  # noqa: E402
+from engine.config import DTYPES
+from scripts.durable_io import fsync_dir, fsync_tree
 
 
 def convert_atomically(gguf_path: str, output: str, dtype: str):

@@ -1,5 +1,5 @@
 """The whole engine on a GPU through the offline API (`from engine import LLM, SamplingParams`; warmup also
-calls `llm.engine.warmup()`, as the server does before SERVING): one stage per process (gpu_check.sh runs
+calls `llm.warmup()`, as the server does before SERVING): one stage per process (gpu_check.sh runs
 each under its own timeout), each appending JSON lines to --results, so a stage that fails or hangs loses
 nothing of the others.
 
@@ -8,7 +8,7 @@ nothing of the others.
   decode       pallas, bfloat16: decode tok/s at batch 1/32/256 (prefill-only run subtracted), and the
                compiled step's HLO (XLA's own dump) searched for copies of the KV pool and its donation
   greedy       greedy tokens pallas vs reference, float32 (IEEE dots everywhere) and bfloat16
-  warmup       start-up compile time of every bucket, cold XLA cache (engine.warmup(), as the server)
+  warmup       start-up compile time of every bucket, cold XLA cache (llm.warmup(), as the server)
 
   python scripts/gpu_engine_check.py write-model --model /tmp/smollm2_shaped.gguf
   python scripts/gpu_engine_check.py decode --model /tmp/smollm2_shaped.gguf --results out/engine.jsonl
@@ -147,8 +147,8 @@ def warmup(args) -> None:
               max_batch_size=max(args.batches), max_length=4096, max_num_batched_tokens=512,
               kv_cache_page_size=PAGE, kv_cache_pages=4096)
     loaded = time.perf_counter() - start
-    seconds = llm.engine.warmup()
-    compiled = getattr(llm.engine.stats(), "num_compilations", None)
+    seconds = llm.warmup()
+    compiled = llm.stats().num_compilations
     record({"stage": "warmup", "load_s": loaded, "warmup_s": seconds, "compilations": compiled})
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere in the checkout
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from tests.attention_oracle import Case, entry_point, make_case  # noqa: E402
+from tests.attention_oracle import Case, entry_point, make_case
 
 MAX_LENGTH = 8192
 # Relative error vs float64: IEEE float32 lands far under 1e-5; bf16 inputs and P cast to bf16 ~3e-3.

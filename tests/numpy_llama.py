@@ -49,7 +49,7 @@ class NumpyLlama:
         x = self.w["token_embd.weight"][tokens]
         causal = np.tril(np.ones((T, T), bool))
         for i in range(self.L):
-            b = lambda n: self.w[f"blk.{i}.{n}.weight"]  # noqa: E731
+            b = lambda n, i=i: self.w[f"blk.{i}.{n}.weight"]
             h = self._norm(x, b("attn_norm"))
             q = self._rope((h @ b("attn_q").T).reshape(T, H, D), pos)
             k = self._rope((h @ b("attn_k").T).reshape(T, K, D), pos)

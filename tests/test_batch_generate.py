@@ -68,13 +68,14 @@ def _check_records(records: list[dict]) -> None:
 
 def test_offline_and_server_agree(tiny_gguf, server, input_file, tmp_path, capsys):
     offline, summary = _records(capsys, ["--input", input_file, "--output", tmp_path / "offline.jsonl",
-                                         "--model-path", tiny_gguf, *[x for k, v in ENGINE.items() for x in (f"--{k}", v)]])
+                                         "--model-path", tiny_gguf,
+                                         *[x for k, v in ENGINE.items() for x in (f"--{k}", v)]])
     assert summary.startswith("batch_generate: 4 ok, 7 failed, 0 skipped;")
     _check_records(offline)
     served, _ = _records(capsys, ["--input", input_file, "--output", tmp_path / "served.jsonl",
                                   "--target", server.target, "--max-concurrency", 3])
     _check_records(served)
-    drop_cache = lambda r: {**r, "usage": {**r["usage"], "cached_prompt_tokens": None}}  # noqa: E731
+    drop_cache = lambda r: {**r, "usage": {**r["usage"], "cached_prompt_tokens": None}}
     assert [drop_cache(r) for r in served if "error" not in r] == [drop_cache(r) for r in offline if "error" not in r]
 
 

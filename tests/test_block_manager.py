@@ -198,7 +198,7 @@ def test_can_admit_changes_nothing(bm):
 
 def test_reset_prefix_cache_drops_unused_blocks_only(bm):
     a = prefill(bm, make_seq(range(8)))
-    b = prefill(bm, make_seq(range(100, 108)))
+    prefill(bm, make_seq(range(100, 108)))
     bm.free(a)
     assert bm.reset_prefix_cache() is True
     assert cached(bm) == [3, 4] and bm.num_cached_pages == 0 and bm.prefix_cache_evictions == 0

@@ -187,6 +187,22 @@ def test_bad_request_gets_the_openai_error_shape_naming_the_field(shared, name):
     assert shared.http.post(COMPLETIONS, json={"prompt": [7], "max_tokens": 2}).json()["choices"][0]["text"] == "\x08\t"
 
 
+def test_cheap_limits_are_checked_before_tokenizing(shared, monkeypatch):
+    """Over HTTP too, an oversized prompt or stop list is refused without being tokenized."""
+    calls = []
+    encode = shared.engine.tokenizer.encode
+    monkeypatch.setattr(shared.engine.tokenizer, "encode", lambda *a, **k: calls.append(a) or encode(*a, **k))
+    for path, body, limit in ((COMPLETIONS, {"prompt": "a" * 4096}, "--max-prompt-bytes=2048"),
+                              (CHAT, {"messages": [{"role": "user", "content": "a" * 4096}]}, "--max-prompt-bytes"),
+                              (COMPLETIONS, {"prompt": "ab", "stop": ["x"] * 17}, "--max-stop-strings=16"),
+                              (COMPLETIONS, {"prompt": "ab", "cache_salt": "s" * 300}, "cache_salt has 300")):
+        r = shared.http.post(path, json=body)
+        assert r.status_code == 400 and limit in error_of(r)["message"], r.text
+    assert calls == []
+    assert shared.http.post(COMPLETIONS, json={"prompt": "ab", "max_tokens": 1}).status_code == 200
+    assert calls
+
+
 def test_neutral_values_of_unsupported_fields_are_accepted(shared):
     body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "n": 1, "logprobs": False,
             "tools": [], "tool_choice": "none", "presence_penalty": 0, "frequency_penalty": 0.0, "user": "u1",
@@ -279,7 +295,8 @@ def test_client_gone_mid_request_aborts_and_frees_pages(shared, stream, slow_pol
         assert engine.wait_for(lambda e: e.stats().waiting_requests == 1)
         engine.run_steps(1)  # one token, then the request can only end by an abort
         if stream:
-            assert raw.head().startswith("HTTP/1.1 200") and json.loads(raw.next_event()[6:])["choices"][0]["text"] == "\x02"
+            assert raw.head().startswith("HTTP/1.1 200")
+            assert json.loads(raw.next_event()[6:])["choices"][0]["text"] == "\x02"
         else:
             assert engine.wait_for(lambda e: e.stats().kv_pages_used > 0)
         raw.close()
@@ -308,7 +325,8 @@ def test_client_gone_while_queued_aborts_the_queued_request(shared, slow_poll):
 
 def test_grpc_and_http_in_flight_at_once_each_get_exactly_their_tokens(shared):
     def over_grpc(i):
-        request = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[i * 20]), sampling=pb.SamplingParams(max_tokens=6))
+        request = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[i * 20]),
+                                     sampling=pb.SamplingParams(max_tokens=6))
         return [t for r in shared.stub.Generate(request) for t in r.token_ids]
 
     def over_http(i):

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, parse_devices
 from engine.gguf_loader import ModelLoadError, load_gguf, resolve_model_path
 from tests.tiny_model import TinySpec, write_tiny_gguf
 
@@ -49,7 +49,10 @@ def test_unsupported_tensor_type(tmp_path):
         getattr(w, f"add_{k}")(v)
     # An I32 tensor: a type the gguf package has no dequantizer for.
     w.add_tensor("token_embd.weight", np.zeros((331, 256), np.int32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     with pytest.raises(ModelLoadError, match=r"iq\.gguf: tensor 'token_embd\.weight' has type I32"):
         load_gguf(path)
 
@@ -66,6 +69,18 @@ def test_unsupported_tensor_type(tmp_path):
 def test_bad_engine_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EngineConfig(**kwargs)
+
+
+@pytest.mark.parametrize("spec,want", [("cpu", ("cpu", None)), ("gpu:0,1", ("gpu", (0, 1))), ("cpu:3", ("cpu", (3,))),
+                                       ("tpu", None), ("gpu:", None), ("cpu:a", None), ("cpu:-1", None),
+                                       ("cpu:0,,1", None)])
+def test_devices_are_parsed_in_one_place(spec, want):
+    """--devices has one parser: EngineConfig refuses a bad form before anything loads (flags word it too)."""
+    if want is None:
+        with pytest.raises(ValueError, match=r"--devices=.* is not allowed; use one of cpu, gpu, gpu:N"):
+            EngineConfig(devices=spec)
+    else:
+        assert parse_devices(spec) == want and EngineConfig(devices=spec).devices == spec
 
 
 def test_bad_devices_and_too_small_pool(tiny_gguf):

@@ -35,7 +35,7 @@ def make_seqs(vocab, page_size, num_pages, rng):
     pages = list(rng.permutation(np.arange(1, num_pages)))
     seqs = []
     for i, n in enumerate(LENGTHS):
-        s = Sequence(Request(f"r{i}", tuple(int(t) for t in rng.integers(0, vocab, n)), SamplingParams()))
+        s = Sequence(Request(f"r{i}", tuple(int(t) for t in rng.integers(0, vocab, n)), SamplingParams(seed=0)))
         need = -(-n // page_size)
         s.block_table = [int(pages.pop()) for _ in range(need)]
         seqs.append(s)

@@ -22,7 +22,7 @@ from tests.test_sharding import TP_SPEC
 
 pytestmark = pytest.mark.slow
 # Few buckets (1..16 tokens): every process compiles each one at start-up (the persistent compilation
-# cache is off in a group: engine/model_loading.py).
+# cache is off in a group: engine/compilation_cache.py).
 OPTS = dict(max_batch_size=4, max_num_batched_tokens=16, max_length=1024, kv_cache_page_size=16, kv_cache_pages=80)
 FLAGS = ["--max-batch-size=4", "--max-num-batched-tokens=16", "--max-length=1024", "--kv-cache-page-size=16",
          "--kv-cache-pages=80", "--enable-prefix-caching"]

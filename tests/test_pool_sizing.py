@@ -1,8 +1,8 @@
-"""KV-pool sizing and device defaults (engine/model_loading.resolve_config), without a real device."""
+"""KV-pool sizing and device defaults (engine/config_resolution.resolve_config), without a real device."""
 import pytest
 
 from engine.config import EngineConfig
-from engine.model_loading import _page_bytes, resolve_config
+from engine.config_resolution import page_bytes, resolve_config
 from tests.test_sharding import SMOLLM2
 
 GiB = 1 << 30
@@ -23,7 +23,7 @@ def test_gpu_pool_counts_the_weights_in_the_dtype_actually_used(encoding, weight
     cfg = EngineConfig(quantization_encoding=encoding, max_length=4096, max_batch_size=4096)
     resolved = resolve_config(cfg, SMOLLM2, FakeGpu(), n)
     budget = int(80 * GiB * 0.9 - n * weight_bytes)
-    want = budget // _page_bytes(SMOLLM2, 128, kv_bytes) + 1
+    want = budget // page_bytes(SMOLLM2, 128, kv_bytes) + 1
     assert resolved.kv_cache_pages == want
     assert resolved.quantization_encoding == (encoding or "bfloat16")
 

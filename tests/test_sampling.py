@@ -142,7 +142,7 @@ def test_argmax_matches_jnp_argmax_on_ties_nan_and_inf():
 
 
 def inputs(B, temperature=1.0, top_k=0, top_p=1.0, seed=None, position=0):
-    full = lambda v, dt: np.broadcast_to(np.asarray(v, dt), (B,)).copy()  # noqa: E731
+    full = lambda v, dt: np.broadcast_to(np.asarray(v, dt), (B,)).copy()
     return SamplingInputs(full(temperature, np.float32), full(top_k, np.int32), full(top_p, np.float32),
                           np.arange(B, dtype=np.uint32) if seed is None else full(seed, np.uint32),
                           full(position, np.int32))
@@ -167,7 +167,7 @@ def test_same_seed_same_tokens_whatever_the_batch():
     np.testing.assert_array_equal(a, np.asarray(SAMPLE(x, s)))
     # Rows 0-7 inside another batch (reversed, next to greedy rows and other sampling settings), and row 3
     # alone, sample the same tokens.
-    mix = lambda v, w: np.concatenate([np.asarray(v)[7::-1], np.asarray(w)[8:]])  # noqa: E731
+    mix = lambda v, w: np.concatenate([np.asarray(v)[7::-1], np.asarray(w)[8:]])
     t = SamplingInputs(*(mix(f, g) for f, g in zip(s, inputs(16, temperature=[0.0, 2.0] * 8, top_k=3))))
     np.testing.assert_array_equal(np.asarray(SAMPLE(mix(x, x[::-1]), t))[:8], a[7::-1])
     assert np.asarray(SAMPLE(x[3:4], SamplingInputs(*(np.asarray(f)[3:4] for f in s))))[0] == a[3]
@@ -206,7 +206,7 @@ def test_draw_frequencies_match_the_definition(temperature, top_k, top_p):
     df = keep.sum() - 1
     assert df >= 10
     assert chi_square(counts[keep], probs[keep]) < df + 5 * np.sqrt(2 * df)
-    blocks = lambda v: np.add.reduceat(v, [0, 256, 512])  # noqa: E731
+    blocks = lambda v: np.add.reduceat(v, [0, 256, 512])
     assert within(blocks(counts) / n, blocks(probs), n).all()
 
 

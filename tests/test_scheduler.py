@@ -27,12 +27,17 @@ def add(sched, prompt_len, start=0, tokens=None, **sampling):
     return seq
 
 
+def update(sched, out, sampled):
+    """Books a step whose tokens are known: advance, then complete (what the engine does one step apart)."""
+    return sched.complete(out, sched.advance(out), sampled)
+
+
 def step(sched, token=7):
     """schedule(), then pretend the runner sampled `token` for every row that samples."""
     out = sched.schedule()
     sampled = {s.request_id: token for s in out.decodes}
     sampled |= {c.seq.request_id: token for c in out.prefills if c.samples}
-    return out, sched.update(out, sampled)
+    return out, update(sched, out, sampled)
 
 
 def chunks(out):
@@ -80,7 +85,7 @@ def test_running_prefills_go_before_new_admissions():
 
 def test_admission_is_fcfs_the_head_blocks_smaller_requests():
     sched = make_scheduler(num_pages=5, caching=True)   # 4 usable pages
-    a = add(sched, 8)                                 # 2 pages
+    add(sched, 8)                                     # 2 pages
     b = add(sched, 12, start=100)                     # 3 pages: does not fit next to a
     c = add(sched, 4, start=200)                      # 1 page: would fit, but b is first
     for _ in range(2):
@@ -173,7 +178,7 @@ def test_abort_between_schedule_and_update_is_skipped():
     a = add(sched, 4)
     out = sched.schedule()
     sched.abort(a.request_id)
-    assert sched.update(out, {a.request_id: 5}) == [] and a.token_ids == [0, 1, 2, 3]
+    assert update(sched, out, {a.request_id: 5}) == [] and a.token_ids == [0, 1, 2, 3]
 
 
 def test_finish_reasons():
@@ -203,7 +208,7 @@ def test_engine_finish_for_stop_strings():
 
 def test_prefix_hits_on_admission():
     sched = make_scheduler(caching=True)
-    a = add(sched, 10, max_tokens=1)
+    add(sched, 10, max_tokens=1)
     step(sched)                                       # a: 10 tokens, blocks 0 and 1 cached, finishes
     b = add(sched, 0, tokens=[*range(8), 50, 51, 52])
     out, _ = step(sched)
@@ -243,7 +248,7 @@ def test_random_workload_ends_with_no_leaks(caching):
                            max_length=40, max_prefill_seqs=2)
     prefixes = [[rng.randrange(50) for _ in range(12)] for _ in range(3)]
     seqs = []
-    for i in range(300):
+    for _ in range(300):
         if len(seqs) < 40 and rng.random() < 0.4:
             tokens = rng.choice(prefixes)[:rng.randrange(1, 13)] + [rng.randrange(50) for _ in range(rng.randrange(8))]
             seqs.append(add(sched, 0, tokens=tokens, max_tokens=rng.randrange(1, 12)))
@@ -255,7 +260,7 @@ def test_random_workload_ends_with_no_leaks(caching):
         assert all(isinstance(c, PrefillChunk) and c.start == c.seq.num_computed_tokens for c in out.prefills)
         sampled = {s.request_id: rng.choice([EOS, 1, 2, 3]) for s in out.decodes}
         sampled |= {c.seq.request_id: rng.choice([EOS, 1, 2, 3]) for c in out.prefills if c.samples}
-        sched.update(out, sampled)
+        update(sched, out, sampled)
         held = sum(len(s.block_table) for s in sched.running)
         assert held >= sched.block_manager.num_used_pages     # shared pages are counted once
     while sched.has_unfinished():

@@ -78,7 +78,7 @@ def pages_back_to_zero(engine: FakeEngine) -> bool:
 # --- streaming --------------------------------------------------------------------------------------
 
 def test_prompt_streams_one_message_per_token_and_usage_on_the_last(shared):
-    engine, stub = shared.engine, shared.stub
+    stub = shared.stub
     responses = list(stub.Generate(pb.GenerateRequest(prompt="ab", sampling=pb.SamplingParams(max_tokens=4))))
     assert [list(r.token_ids) for r in responses] == [[99], [100], [101], [102]]
     assert "".join(r.text for r in responses) == "cdef"
@@ -179,7 +179,7 @@ BAD_REQUESTS = {
 
 @pytest.mark.parametrize("name", BAD_REQUESTS)
 def test_bad_request_gets_its_status_naming_the_field(shared, name):
-    engine, stub = shared.engine, shared.stub
+    stub = shared.stub
     request, code, field = BAD_REQUESTS[name]
     with pytest.raises(grpc.RpcError) as e:
         list(stub.Generate(request))
@@ -428,8 +428,8 @@ FAKE_SERVER = ("import sys; from engine.server import run; from tests.fake_engin
 
 
 def test_sigterm_drains_in_flight_streams_refuses_new_ones_and_exits_0():
-    proc = subprocess.Popen([sys.executable, "-c", FAKE_SERVER, "--port=0", "--http-port=0"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_SERVER, "--port=0", "--http-port=0"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         assert "serving fake-model on 127.0.0.1:" in line and "devices cpu:0" in line, proc.stderr.read()

@@ -86,7 +86,7 @@ def test_long_prompt_is_chunked_between_decode_steps(served):
     started = threading.Barrier(5, timeout=120)
 
     def stream(i):
-        for n, r in enumerate(served.stub.Generate(request(prompts(1, seed=10 + i, hi=40)[0], 200))):
+        for n, _ in enumerate(served.stub.Generate(request(prompts(1, seed=10 + i, hi=40)[0], 200))):
             arrivals[i].append(time.perf_counter())
             if n == 2:
                 started.wait()

@@ -104,7 +104,8 @@ def sharded_runs(tiny_gguf_factory, tmp_path_factory):
     with socket.socket() as sock:          # a free port for the one-process jax.distributed coordinator
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    jobs = {"distributed": ["initialize", f"127.0.0.1:{port}"], "tp1": ["generate", tp, "cpu:0"], "tp2": ["generate", tp, "cpu:0,1"],
+    jobs = {"distributed": ["initialize", f"127.0.0.1:{port}"], "tp1": ["generate", tp, "cpu:0"],
+            "tp2": ["generate", tp, "cpu:0,1"],
             "tp4": ["generate", tp, "cpu:0,1,2,3"], "kv2_1": ["generate", kv2, "cpu:0"],
             "kv2_4": ["generate", kv2, "cpu:0,1,2,3"], "heads6_4": ["error", h6, "cpu:0,1,2,3"],
             "restore2": ["restore", ckpt, "cpu:0,1"], "tp2_pallas": ["generate", tp, "cpu:0,1", "pallas"],
@@ -149,7 +150,8 @@ def test_q8_0_shards_int8_weights_with_their_scales_and_matches_one_device(shard
     assert two["tokens"] == one["tokens"] and two["again"] == one["tokens"]
     assert two["wqkv"]["shards"] == [[128, 128]] and two["wqkv_scale"] == {"spec": ["model"], "shards": [[128]],
                                                                            "num_shards": 2}
-    assert two["wo"]["spec"] == ["model", None] and two["wo_scale"] == {"spec": [None], "shards": [[128]],
+    # wo on the device is int8 [out, in] (engine/quantization.py Int8Rows): sharded along its input features
+    assert two["wo"]["spec"] == [None, "model"] and two["wo_scale"] == {"spec": [None], "shards": [[128]],
                                                                         "num_shards": 2}
 
 

@@ -1,4 +1,4 @@
-"""One-shot CLI: `python -m engine.generate --prompt "..." [--chat] [engine flags]`, text printed as sampled."""
+"""One-shot CLI: `python -m engine.generate_cli --prompt "..." [--chat] [engine flags]`, text printed as sampled."""
 from __future__ import annotations
 
 import sys

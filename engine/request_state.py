@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.request import FinishReason, RequestOutput, RequestStream
+from engine.request import RequestOutput, RequestStream
 from engine.sequence import Sequence
 
 
