@@ -58,5 +58,4 @@ def _every_process(spec: str | None) -> list:
 
 def describe(devices: list) -> str:
     kind = "gpu" if devices[0].platform in ("gpu", "cuda") else devices[0].platform
-    processes = len({d.process_index for d in devices})
-    return f"{kind}:" + ",".join(str(d.id) for d in devices) + (f" over {processes} processes" if processes > 1 else "")
+    return f"{kind}:" + ",".join(str(d.id) for d in devices)

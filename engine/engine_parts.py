@@ -68,7 +68,9 @@ def load_engine_parts(config: EngineConfig) -> LoadedEngineParts:
                          num_pages=pages, buckets=buckets, attention_backend=backend)
     log.info("model %s on %s: %s, %d KV pages of %d tokens, attention=%s", mc.name, resolved.devices,
              resolved.quantization_encoding, pages, page_size, backend)
-    return LoadedEngineParts(resolved, mc, tokenizer, resolved.devices, block_manager, scheduler, runner)
+    processes = len({d.process_index for d in devices})
+    description = resolved.devices + (f" over {processes} processes" if processes > 1 else "")
+    return LoadedEngineParts(resolved, mc, tokenizer, description, block_manager, scheduler, runner)
 
 
 def _local(devices: list):
