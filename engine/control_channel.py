@@ -131,6 +131,7 @@ class Leader:
         self.num_processes = len(sockets) + 1
         self.lost: str | None = None
         self.on_lost: Callable[[str], None] | None = None
+        self._lost_event = threading.Event()
         self._closing = False
         self._send_lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
@@ -171,9 +172,16 @@ class Leader:
                     return
                 selector.unregister(key.fileobj)  # unexpected bytes: ignore this socket from now on
 
+    def wait_lost(self, timeout: float) -> str | None:
+        """Which follower is gone, waiting up to `timeout` s for the watcher to see it (a collective with a
+        dead peer can fail a step a moment before its socket's end of file is read)."""
+        self._lost_event.wait(timeout)
+        return self.lost
+
     def _mark_lost(self, message: str) -> None:
         if self.lost is None and not self._closing:
             self.lost = message
+            self._lost_event.set()
             log.error("multi-process group broken: %s", message)
             if self.on_lost is not None:
                 self.on_lost(message)

@@ -221,7 +221,7 @@ class LLMEngine:
         try:
             if self.group is not None:  # the followers ran (or lost) this step too: no process can recover alone
                 raise RuntimeError(f"a step failed in a group of {self.group.num_processes} processes "
-                                   f"({self.group.lost or describe(e)}); they must restart together")
+                                   f"({self.group.wait_lost(2.0) or describe(e)}); they must restart together")
             self.runner.recover()  # the donated KV pages may have died with the step: fresh ones if so
             if self._consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
                 raise RuntimeError(f"{self._consecutive_failures} steps failed in a row (last: {describe(e)})")

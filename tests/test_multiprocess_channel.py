@@ -53,7 +53,7 @@ def test_leader_reports_a_follower_that_disconnects_and_then_refuses_to_send():
     assert receive(there) == Warmup(((1, 1),))
     there.close()
     assert lost.wait(5.0)
-    assert leader.lost == "follower process 1 disconnected (it died or was killed)"
+    assert leader.lost == leader.wait_lost(0) == "follower process 1 disconnected (it died or was killed)"
     with pytest.raises(FollowerLostError, match="follower process 1 disconnected"):
         leader.broadcast(Stop())
     leader.stop()
@@ -116,6 +116,9 @@ class RecordingGroup:
 
     def __init__(self):
         self.commands, self.num_processes, self.lost, self.on_lost, self.stopped = [], 2, None, None, []
+
+    def wait_lost(self, timeout):
+        return self.lost
 
     def broadcast(self, command):
         self.commands.append(command)
