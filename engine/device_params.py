@@ -116,9 +116,9 @@ def _place(name: str, w, spec: P, mesh, dtype, quantize: bool):
     if isinstance(w, QuantizedWeight) and not quantize:
         w = _dequantize(name, w)
     if isinstance(w, QuantizedWeight):
-        rows = as_rows(w, per_row=name == "embed")
+        rows = as_rows(w, per_row=_per_row(name))
         axes = tuple(spec) + (None,) * (2 - len(tuple(spec)))
-        row_spec = P(*axes) if name == "embed" else P(axes[1], axes[0])
+        row_spec = P(*axes) if _per_row(name) else P(axes[1], axes[0])
         return Int8Rows(jax.device_put(rows.q, NamedSharding(mesh, row_spec)),
                         jax.device_put(rows.scale, NamedSharding(mesh, P(row_spec[0]))))
     return jax.device_put(np.asarray(w, dtype), NamedSharding(mesh, spec))

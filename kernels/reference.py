@@ -2,7 +2,7 @@
 
 One call attends every query of a step's flattened token batch to its own sequence's pages. The work is
 cut into *items*: (query tile, group of pages holding ~KEYS_PER_ITEM keys), listed in jnp from the step's
-metadata. A `fori_loop` whose trip count is the number of real items processes ITEMS_PER_CHUNK items per
+metadata. A `fori_loop` whose trip count is the number of real items processes up to ITEMS_PER_CHUNK items per
 iteration: one gather of their pages, one batched matmul for the scores and one for the values, and an
 online-softmax merge into each tile's running (max, sum, accumulator) by segment ops. So the cost follows
 the sum of the real contexts (rounded up to a chunk), not rows x the longest row nor the table's width.
@@ -24,7 +24,7 @@ from jax import lax
 # A large finite negative instead of -inf: fully masked rows (padding) then give 0, not NaN.
 MASK_VALUE = -1e30
 KEYS_PER_ITEM = 256     # keys (whole pages) one item reads
-ITEMS_PER_CHUNK = 8     # items per loop iteration: ~1.5 MB of K and of V for SmolLM2 (L2-sized)
+ITEMS_PER_CHUNK = 8     # most items per loop iteration: ~1.5 MB of K and of V for SmolLM2 (L2-sized)
 PREFILL_TILE = 32       # queries per tile for rows with more than one query
 
 
@@ -70,11 +70,10 @@ def _item_list(n_items, capacity):
 
 
 def _chunk(c, state, *, tiles: Tiles, item_tile, item_group, q_bkrd, k_pool, v_pool, groups, context_lens,
-           tq, scale):
+           tq, scale, CH):
     """Online-softmax merge of items [c*CH, (c+1)*CH). State per tile (+1 dummy): m, l [NT+1, Hkv, R],
     acc [NT+1, Hkv, R, D] float32, where R = tq * G rows of (query, head-in-group)."""
     m, l, acc = state
-    CH = ITEMS_PER_CHUNK
     NT = tiles.row.shape[0]
     P, S, Hkv, D = k_pool.shape
     C = groups.shape[2]
@@ -116,15 +115,19 @@ def _attend_tiles(out, q_nhd, k_pool, v_pool, groups, context_lens, tiles: Tiles
     tok_ok = jnp.arange(tq)[None] < tiles.nq[:, None]
     q = q_nhd[jnp.where(tok_ok, tok, 0)].reshape(NT, tq, Hkv, G, D).transpose(0, 2, 1, 3, 4)
     q_bkrd = q.reshape(NT, Hkv, tq * G, D)
-    capacity = -(-NT * groups.shape[1] // ITEMS_PER_CHUNK) * ITEMS_PER_CHUNK
+    # A chunk never holds more items than there are tiles: one decode row (batch 1) then gathers one
+    # item per iteration instead of 8 mostly-dummy ones (measured: attention fell from ~1/3 of a batch-1
+    # SmolLM2 step at a short context to ~1%; per-item cost, not per-iteration cost, dominates).
+    CH = min(ITEMS_PER_CHUNK, NT)
+    capacity = -(-NT * groups.shape[1] // CH) * CH
     item_tile, item_group, total = _item_list(tiles.n_items, capacity)
     R = tq * G
     init = (jnp.full((NT + 1, Hkv, R), MASK_VALUE, jnp.float32), jnp.zeros((NT + 1, Hkv, R), jnp.float32),
             jnp.zeros((NT + 1, Hkv, R, D), jnp.float32))
     body = functools.partial(_chunk, tiles=tiles, item_tile=item_tile, item_group=item_group, q_bkrd=q_bkrd,
                              k_pool=k_pool, v_pool=v_pool, groups=groups, context_lens=context_lens, tq=tq,
-                             scale=scale)
-    _, l, acc = lax.fori_loop(0, -(-total // ITEMS_PER_CHUNK), body, init)   # dynamic: real items only
+                             scale=scale, CH=CH)
+    _, l, acc = lax.fori_loop(0, -(-total // CH), body, init)   # dynamic: real items only
     l, acc = l[:NT], acc[:NT]
     o = jnp.where((l > 0.0)[..., None], acc / jnp.where(l > 0.0, l, 1.0)[..., None], 0.0)
     o = o.reshape(NT, Hkv, tq, G, D).transpose(0, 2, 1, 3, 4).reshape(NT * tq, Hq, D)
@@ -157,9 +160,15 @@ def paged_attention_reference(q_nhd, k_pool, v_pool, page_table, context_lens, q
     attend = functools.partial(_attend_tiles, q_nhd=q_nhd, k_pool=k_pool, v_pool=v_pool, groups=groups,
                                context_lens=context_lens, keys_per_item=keys, scale=scale)
     out = jnp.zeros((N, Hq, D), jnp.float32)
-    out = attend(out, tiles=_decode_tiles(context_lens, q_len, query_start, keys), tq=1)
+    # Each pass is skipped at run time when the step has no row of its kind (a pure decode step has no
+    # prefill tiles, a lone prompt no decode rows): its set-up and write-back cost per layer even with no
+    # item to process (~1/10 of a 32-row decode step).
+    decode = functools.partial(attend, tiles=_decode_tiles(context_lens, q_len, query_start, keys), tq=1)
+    out = lax.cond(jnp.any(q_len == 1), decode, lambda o: o, out)
     if N > 1:
         tile = min(PREFILL_TILE, N)
         capacity = min(R, N // 2) + N // tile
-        out = attend(out, tiles=_prefill_tiles(context_lens, q_len, query_start, keys, tile, capacity), tq=tile)
+        prefill = functools.partial(attend, tiles=_prefill_tiles(context_lens, q_len, query_start, keys, tile,
+                                                                 capacity), tq=tile)
+        out = lax.cond(jnp.any(q_len >= 2), prefill, lambda o: o, out)
     return out.astype(q_nhd.dtype)
