@@ -6,14 +6,14 @@ The public API for scripts and notebooks (scripts/ use only this; tests/test_arc
 its weights), `EngineStats` (what `LLM.stats()` returns) and `ENGINE_OPTIONS` (the engine's options as
 (flag name, kind, help): the server's flags, which `LLM(**options)` takes in snake_case).
 """
-from engine.sampling_params import SamplingParams
-from engine.stats import EngineStats
+from engine.core.sampling_params import SamplingParams
+from engine.core.stats import EngineStats
 
 __all__ = ["ENGINE_OPTIONS", "LLM", "EngineStats", "SamplingParams", "load_tokenizer"]
 
 
 def __getattr__(name):
-    # LLM pulls in JAX; import it lazily so `engine.block_manager` & co. stay JAX-free to import.
+    # LLM pulls in JAX; import it lazily so `engine.core.block_manager` & co. stay JAX-free to import.
     if name == "LLM":
         from engine.llm import LLM
         return LLM
@@ -21,6 +21,6 @@ def __getattr__(name):
         from engine.flags import ENGINE_FLAGS
         return ENGINE_FLAGS
     if name == "load_tokenizer":
-        from engine.model_files import load_tokenizer
+        from engine.loading.model_files import load_tokenizer
         return load_tokenizer
     raise AttributeError(name)

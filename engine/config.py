@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from kernels.backends import ATTENTION_BACKENDS
 
 CACHE_STRATEGIES = ("paged", "continuous")
-DTYPES = ("float32", "bfloat16", "q8_0")   # q8_0: int8 weights kept in memory (engine/quantization.py)
+DTYPES = ("float32", "bfloat16", "q8_0")   # q8_0: int8 weights kept in memory (engine/device/quantization.py)
 DEVICE_FORMS = "cpu, gpu, gpu:N[,M...], cpu:N[,M...]"
 
 
@@ -81,7 +81,7 @@ class EngineConfig:
     max_waiting_requests: int = 1024
     seed: int = 0
     async_scheduling: bool = True            # schedule step N+1 while step N runs (engine.LLMEngine._step)
-    # Per-request limits (engine/request_checks.py): one client must not make work for everyone.
+    # Per-request limits (engine/core/request_checks.py): one client must not make work for everyone.
     max_stop_strings: int = 16
     max_stop_string_length: int = 256        # characters
     max_prompt_bytes: int | None = None      # UTF-8 bytes of a prompt's text; None: 32 per --max-length token

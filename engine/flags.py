@@ -183,7 +183,7 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> tuple[Engi
     if not value("distributed-timeout-seconds") > 0:  # NaN too
         raise FlagError(f"--distributed-timeout-seconds={value('distributed-timeout-seconds')} is not allowed; "
                         "it must be > 0")
-    from engine.distributed import check as check_distributed
+    from engine.device.distributed import check as check_distributed
     try:
         check_distributed(value("coordinator-address"), value("num-processes"), value("process-id"))
     except ValueError as e:

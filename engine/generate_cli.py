@@ -29,11 +29,11 @@ def main(argv: list[str]) -> int:
         config, _ = config_from_flags(fv)
         if not fv["prompt"].value:
             raise FlagError("--prompt is required (the text to complete, or the user message with --chat)")
-        from engine.request import Request
-        from engine.sampling_params import SamplingParams
+        from engine.core.request import Request
+        from engine.core.sampling_params import SamplingParams
         sampling = SamplingParams(max_tokens=fv["max-tokens"].value, temperature=fv["temperature"].value,
                                   top_p=fv["top-p"].value, top_k=fv["top-k"].value, seed=fv["sampling-seed"].value)
-        from engine.engine import LLMEngine
+        from engine.core.engine import LLMEngine
         t0 = time.perf_counter()
         engine = LLMEngine(config)
         tok = engine.tokenizer

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from engine.config import EngineConfig
-from engine.engine import LLMEngine
-from engine.request import Request
-from engine.request_builder import default_max_tokens
-from engine.request_checks import check_prompt_size
-from engine.sampling_params import SamplingParams
-from engine.stats import EngineStats
+from engine.core.engine import LLMEngine
+from engine.core.request import Request
+from engine.serving.request_builder import default_max_tokens
+from engine.core.request_checks import check_prompt_size
+from engine.core.sampling_params import SamplingParams
+from engine.core.stats import EngineStats
 
 
 @dataclass(frozen=True)

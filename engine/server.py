@@ -1,5 +1,5 @@
 """`python -m engine.server`: serves one model over gRPC (engine.v1.Engine, health, reflection, metrics) and
-the OpenAI-compatible HTTP API (engine/http_server.py; --http-port, 0 = off) on the same engine instance.
+the OpenAI-compatible HTTP API (engine/serving/http_server.py; --http-port, 0 = off) on the same engine instance.
 
 Start-up order, and why:
   1. flags -> EngineConfig (engine.flags): a bad value fails in one line before anything heavy is imported;
@@ -37,9 +37,9 @@ from grpc_reflection.v1alpha import reflection
 
 from engine.config import EngineConfig
 from engine.flags import FlagError, ServeOptions, config_from_flags, define_flags, parse_argv
-from engine.metrics import ServerMetrics
-from engine.request import describe_exception
-from engine.servicer import DEFAULT_MAX_CONCURRENT_RPCS, SERVICE_NAME, EngineServicer, add_to_server
+from engine.serving.metrics import ServerMetrics
+from engine.core.request import describe_exception
+from engine.serving.servicer import DEFAULT_MAX_CONCURRENT_RPCS, SERVICE_NAME, EngineServicer, add_to_server
 
 # Every open Generate stream holds a gRPC worker thread; these few more keep GetModelInfo, health checks and
 # reflection answering while --max-concurrent-rpcs streams are open.
@@ -84,7 +84,7 @@ def _http_front_end(metrics: ServerMetrics, host: str, port: int | None):
     taken port fails before the model loads. FastAPI is imported only when HTTP is on."""
     if port is None:
         return None
-    from engine.http_server import HttpFrontEnd
+    from engine.serving.http_server import HttpFrontEnd
     try:
         return HttpFrontEnd(metrics, host.strip("[]"), port)
     except OSError as e:
@@ -201,7 +201,7 @@ def _load_llm_engine(config: EngineConfig, group=None):
     # JAX logs an INFO line per backend it fails to find (tpu, proxy): noise for a CPU/GPU server.
     std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
     try:
-        from engine.engine import LLMEngine
+        from engine.core.engine import LLMEngine
     except ImportError as e:
         raise ServeError(f"cannot import the engine (engine.engine.LLMEngine): {e}") from None
     return LLMEngine(config, group=group)
@@ -236,10 +236,10 @@ def _fail(message, code: int, now: bool = False) -> None:
 
 
 def _join_group(config: EngineConfig, options: ServeOptions):
-    """Multi-process flags: the rendezvous and jax.distributed (engine/distributed.py), before JAX touches a
+    """Multi-process flags: the rendezvous and jax.distributed (engine/device/distributed.py), before JAX touches a
     device. Returns process 0's Leader, a follower's link to process 0, or None for a group of one."""
     std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
-    from engine.distributed import fingerprint, start_group
+    from engine.device.distributed import fingerprint, start_group
     try:
         return start_group(options.coordinator_address, options.num_processes, options.process_id,
                            options.distributed_timeout_seconds, fingerprint(config))
@@ -248,8 +248,8 @@ def _join_group(config: EngineConfig, options: ServeOptions):
 
 
 def _follow(config: EngineConfig, options: ServeOptions, link) -> int:
-    """A follower: no front ends; it runs process 0's steps until told to stop (engine/follower.py)."""
-    from engine.follower import follow
+    """A follower: no front ends; it runs process 0's steps until told to stop (engine/device/follower.py)."""
+    from engine.device.follower import follow
     try:
         status = follow(config, link, options.shutdown_timeout_seconds)
     except Exception as e:  # noqa: BLE001 — loading failed: one line; process 0 sees the channel close

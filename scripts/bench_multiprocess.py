@@ -43,8 +43,8 @@ def _step_arrays(N: int, R: int, W: int):
 def _channel_role(pid: int, n: int, port: int, out: str) -> None:
     """One process of the `channel` measurement."""
     import numpy as np
-    from engine.control_channel import Step, receive
-    from engine.distributed import start_group
+    from engine.device.control_channel import Step, receive
+    from engine.device.distributed import start_group
     link = start_group(f"127.0.0.1:{port}", n, pid, 60.0, "bench")
     import jax
     from jax.experimental import multihost_utils

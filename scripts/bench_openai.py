@@ -22,7 +22,7 @@ import urllib.parse
 from scripts.bench_report import RequestResult
 from scripts.bench_server import ServerInfo
 
-OUR_OWNER = "jax-paged-engine"   # engine/http_server.py's /v1/models owned_by
+OUR_OWNER = "jax-paged-engine"   # engine/serving/http_server.py's /v1/models owned_by
 
 
 class OpenAIBackend:

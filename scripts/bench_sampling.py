@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from anywhere in the checkout
-from engine import sampling
-from engine.sampling import SamplingInputs
+from engine.device import sampling
+from engine.device.sampling import SamplingInputs
 
 SETTINGS = {  # name: (temperature, top_k, top_p)
     "greedy": (0.0, 0, 1.0),

@@ -1,4 +1,4 @@
-"""GGUF -> orbax checkpoint directory that `--model-path` loads without the GGUF (see engine/checkpoint.py).
+"""GGUF -> orbax checkpoint directory that `--model-path` loads without the GGUF (see engine/loading/checkpoint.py).
 
     python scripts/convert_checkpoint.py --model-path X.gguf --quantization-encoding bfloat16 --output DIR
 
@@ -25,7 +25,7 @@ from scripts.durable_io import fsync_dir, fsync_tree
 
 def convert_atomically(gguf_path: str, output: str, dtype: str):
     """convert_gguf into a temporary sibling of `output`, then one rename; returns the ModelConfig."""
-    from engine.checkpoint import convert_gguf
+    from engine.loading.checkpoint import convert_gguf
     output = os.path.abspath(output)
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
         raise ValueError(f"{output}: output exists and is not an empty directory; choose a new --output")
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="dtype of the stored weights")
     parser.add_argument("--output", required=True, help="checkpoint directory to create (absent or empty)")
     args = parser.parse_args(argv)
-    from engine.gguf_loader import resolve_model_path
+    from engine.loading.gguf_loader import resolve_model_path
     t0 = time.perf_counter()
     try:
         path = resolve_model_path(args.model_path)

@@ -18,10 +18,10 @@ import collections
 import threading
 
 from engine.config import EngineConfig, ModelConfig
-from engine.request import (DuplicateRequestError, EngineUnavailableError, ErrorCode, FinishReason, QueueFullError,
+from engine.core.request import (DuplicateRequestError, EngineUnavailableError, ErrorCode, FinishReason, QueueFullError,
                             Request, RequestError, RequestOutput, RequestStream)
-from engine.request_checks import check_request
-from engine.stats import EngineStats
+from engine.core.request_checks import check_request
+from engine.core.stats import EngineStats
 
 
 class FakeTokenizer:

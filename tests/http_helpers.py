@@ -10,7 +10,7 @@ import socket
 import grpc
 import httpx
 
-from engine.request import ErrorCode, FinishReason, RequestError, RequestOutput
+from engine.core.request import ErrorCode, FinishReason, RequestError, RequestOutput
 from engine.server import EngineServer
 from engine.v1 import engine_pb2_grpc
 from tests.fake_engine import FakeEngine

@@ -66,9 +66,9 @@ def error(model_path: str, devices: str) -> dict:
 
 def restore(checkpoint_dir: str, devices: str) -> dict:
     """A checkpoint restored straight onto a 'model' mesh: per-array shardings as read."""
-    from engine.checkpoint import load_checkpoint, read_checkpoint_config
-    from engine.devices import select_devices
-    from engine.sharding import Layout
+    from engine.loading.checkpoint import load_checkpoint, read_checkpoint_config
+    from engine.device.devices import select_devices
+    from engine.device.sharding import Layout
     layout = Layout.build(read_checkpoint_config(checkpoint_dir)[0], select_devices(devices))
     _, params, _ = load_checkpoint(checkpoint_dir, layout.param_shardings())
     return {"wq": _describe(params["layers"]["wq"]), "w_down": _describe(params["layers"]["w_down"]),
@@ -77,7 +77,7 @@ def restore(checkpoint_dir: str, devices: str) -> dict:
 
 def initialize(coordinator_address: str) -> dict:
     """A one-process jax.distributed runtime (must be the first job: before any device is touched)."""
-    from engine.distributed import is_serving_process, maybe_initialize
+    from engine.device.distributed import is_serving_process, maybe_initialize
     done = maybe_initialize(coordinator_address, 1, 0)
     import jax
     return {"initialized": done, "process_count": jax.process_count(), "serving": is_serving_process(),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.request import Request
+from engine.core.request import Request
 
 OPTS = dict(max_batch_size=6, max_num_batched_tokens=64, max_length=160, kv_cache_page_size=16)
 

@@ -64,7 +64,7 @@ def test_each_record_is_fsynced_as_it_is_written(tiny_gguf, tmp_path, monkeypatc
 
 
 def test_a_crashed_conversion_leaves_no_output_directory(tiny_gguf, tmp_path, monkeypatch):
-    import engine.checkpoint as checkpoint
+    import engine.loading.checkpoint as checkpoint
     from scripts.convert_checkpoint import main
     out = tmp_path / "ckpt"
     write_json = checkpoint._write_json

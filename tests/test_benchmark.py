@@ -158,7 +158,7 @@ def test_openai_backend_sends_only_standard_fields_to_other_servers(monkeypatch)
     from scripts.bench_openai import OpenAIBackend
     from tests.fake_engine import FakeEngine
     from tests.http_helpers import serving
-    monkeypatch.setattr("engine.http_server.OWNED_BY", "someone-else")
+    monkeypatch.setattr("engine.serving.http_server.OWNED_BY", "someone-else")
     engine = FakeEngine(EngineConfig(max_length=64), eos_token_id=ord("e"))
     with serving(engine) as served:
         backend = OpenAIBackend(served.url, _Chars(), timeout=30, extra_body={"top_k": 3})

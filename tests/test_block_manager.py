@@ -3,11 +3,11 @@ import itertools
 
 import pytest
 
-import engine.block_manager as bm_module
-from engine.block_manager import BlockManager, FreePageQueue
-from engine.request import Request
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
+import engine.core.block_manager as bm_module
+from engine.core.block_manager import BlockManager, FreePageQueue
+from engine.core.request import Request
+from engine.core.sampling_params import SamplingParams
+from engine.core.sequence import Sequence
 
 PS = 4
 _ids = itertools.count()

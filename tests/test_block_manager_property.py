@@ -9,10 +9,10 @@ import itertools
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from engine.block_manager import BlockManager
-from engine.request import Request
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
+from engine.core.block_manager import BlockManager
+from engine.core.request import Request
+from engine.core.sampling_params import SamplingParams
+from engine.core.sequence import Sequence
 
 PS, NUM_PAGES, MAX_SEQS = 2, 10, 5
 _ids = itertools.count()

@@ -9,9 +9,9 @@ import gguf
 import pytest
 
 from engine.config import EngineConfig
-from engine.gguf_metadata import read_metadata
-from engine.proto_convert import build_request
-from engine.tokenizer import Tokenizer
+from engine.loading.gguf_metadata import read_metadata
+from engine.serving.proto_convert import build_request
+from engine.loading.tokenizer import Tokenizer
 from engine.v1 import engine_pb2 as pb
 from tests.tiny_model import write_tiny_gguf
 

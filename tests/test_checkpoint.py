@@ -10,15 +10,15 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from engine.checkpoint import CONFIG_FILE, PARAMS_DIR, TOKENIZER_FILE, convert_gguf, load_checkpoint
-from engine.gguf_loader import load_gguf
-from engine.gguf_metadata import read_metadata
-from engine.model_files import load_model
-from engine.runner import Buckets, ModelRunner, Row
-from engine.request import Request
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
-from engine.tokenizer import Tokenizer
+from engine.loading.checkpoint import CONFIG_FILE, PARAMS_DIR, TOKENIZER_FILE, convert_gguf, load_checkpoint
+from engine.loading.gguf_loader import load_gguf
+from engine.loading.gguf_metadata import read_metadata
+from engine.loading.model_files import load_model
+from engine.device.runner import Buckets, ModelRunner, Row
+from engine.core.request import Request
+from engine.core.sampling_params import SamplingParams
+from engine.core.sequence import Sequence
+from engine.loading.tokenizer import Tokenizer
 from tests.tiny_model import TinySpec
 
 # Untied output and rope_freqs: every ModelConfig field and every parameter has to survive the round trip.

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.request import Request
+from engine.core.request import Request
 
 OPTS = dict(max_batch_size=8, max_num_batched_tokens=64, max_length=256, kv_cache_page_size=16,
             kv_cache_pages=128)
@@ -150,8 +150,8 @@ def test_a_full_queue_never_loses_or_hangs_a_request(tiny_gguf):
     either refused with QueueFullError or streams to its end."""
     import threading
     from engine.config import EngineConfig
-    from engine.engine import LLMEngine
-    from engine.request import QueueFullError
+    from engine.core.engine import LLMEngine
+    from engine.core.request import QueueFullError
     eng = LLMEngine(EngineConfig(model_path=tiny_gguf, max_waiting_requests=2, **OPTS))
     eng.start()
     accepted, refused, lock = [], [], threading.Lock()

@@ -1,9 +1,9 @@
-"""engine/front_end_gate.py: the lifecycle state both front ends share (no server needed)."""
+"""engine/serving/front_end_gate.py: the lifecycle state both front ends share (no server needed)."""
 import threading
 
 import pytest
 
-from engine.front_end_gate import FrontEndGate, GateClosed, GateFull
+from engine.serving.front_end_gate import FrontEndGate, GateClosed, GateFull
 
 
 def test_refusals_name_why_in_order_failure_draining_loading():

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.config import EngineConfig
-from engine.request import EngineUnavailableError, ErrorCode
+from engine.core.request import EngineUnavailableError, ErrorCode
 from engine.v1 import engine_pb2 as pb
 from scripts.bench_server import free_ports
 from tests.fake_engine import FakeEngine
@@ -282,7 +282,7 @@ def test_engine_unavailable_on_add_request_is_503():
 @pytest.fixture
 def slow_poll(monkeypatch):
     """Blocked stream reads re-check only every 60 s: a prompt abort must come from the disconnect itself."""
-    monkeypatch.setattr("engine.http_stream.POLL_SECONDS", 60.0)
+    monkeypatch.setattr("engine.serving.http_stream.POLL_SECONDS", 60.0)
 
 
 @pytest.mark.parametrize("stream", [True, False])

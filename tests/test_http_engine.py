@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from engine.config import EngineConfig
-from engine.engine import LLMEngine
+from engine.core.engine import LLMEngine
 from engine.v1 import engine_pb2 as pb
 from tests.http_helpers import RawStream, serving, sse_events
 

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from engine.config import EngineConfig, parse_devices
-from engine.gguf_loader import ModelLoadError, load_gguf, resolve_model_path
+from engine.loading.gguf_loader import ModelLoadError, load_gguf, resolve_model_path
 from tests.tiny_model import TinySpec, write_tiny_gguf
 
 

@@ -3,11 +3,11 @@ prefill and step-by-step decode, several ragged sequences per batch, page sizes 
 import numpy as np
 import pytest
 
-from engine.gguf_loader import load_gguf
-from engine.request import Request
-from engine.runner import Buckets, ModelRunner, Row
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
+from engine.loading.gguf_loader import load_gguf
+from engine.core.request import Request
+from engine.device.runner import Buckets, ModelRunner, Row
+from engine.core.sampling_params import SamplingParams
+from engine.core.sequence import Sequence
 from tests.numpy_llama import NumpyLlama
 from tests.tiny_model import TinySpec
 

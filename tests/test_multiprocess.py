@@ -1,6 +1,6 @@
 """One server over several processes on 127.0.0.1 (issue 16): `python -m engine.server` once per process, one CPU
 device each, tensor parallel across the processes over gloo; process 0 serves gRPC/HTTP and its followers replay
-its steps (engine/follower.py). Every process has a hard deadline (tests/group_launcher.py kills what is left).
+its steps (engine/device/follower.py). Every process has a hard deadline (tests/group_launcher.py kills what is left).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from tests.test_sharding import TP_SPEC
 
 pytestmark = pytest.mark.slow
 # Few buckets (1..16 tokens): every process compiles each one at start-up (the persistent compilation
-# cache is off in a group: engine/compilation_cache.py).
+# cache is off in a group: engine/loading/compilation_cache.py).
 OPTS = dict(max_batch_size=4, max_num_batched_tokens=16, max_length=1024, kv_cache_page_size=16, kv_cache_pages=80)
 FLAGS = ["--max-batch-size=4", "--max-num-batched-tokens=16", "--max-length=1024", "--kv-cache-page-size=16",
          "--kv-cache-pages=80", "--enable-prefix-caching"]
@@ -177,7 +177,7 @@ def test_missing_process_fails_start_up_with_one_line_naming_it(tiny_gguf_factor
 
 
 def test_real_model_over_three_processes_answers_paris(tmp_path):
-    from engine.gguf_loader import resolve_model_path
+    from engine.loading.gguf_loader import resolve_model_path
     group = Group(str(tmp_path), resolve_model_path(None), 3,
                   # three buckets (1, 2, 4 tokens): each process compiles each unrolled 30-layer step
                   ["--max-batch-size=1", "--max-num-batched-tokens=4", "--max-length=128", "--kv-cache-page-size=16",

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from engine.config import EngineConfig
-from engine.control_channel import (FollowerLostError, Hello, Leader, Step, Stop, Warmup, Welcome, decode, encode,
-                                    receive)
-from engine.distributed import _gather_followers, _join_leader, fingerprint
-from engine.engine import LLMEngine
-from engine.request import EngineUnavailableError, ErrorCode, FinishReason, Request
-from engine.sampling_params import SamplingParams
+from engine.device.control_channel import (FollowerLostError, Hello, Leader, Step, Stop, Warmup, Welcome, decode,
+                                           encode, receive)
+from engine.device.distributed import _gather_followers, _join_leader, fingerprint
+from engine.core.engine import LLMEngine
+from engine.core.request import EngineUnavailableError, ErrorCode, FinishReason, Request
+from engine.core.sampling_params import SamplingParams
 from tests.group_launcher import free_port_pair
 from tests.test_faults import Faults, collect
 from tests.test_sharding import TP_SPEC
@@ -140,7 +140,7 @@ def test_mirrored_commands_replayed_on_another_runner_reproduce_every_step(tiny_
     engine = LLMEngine(config, group=group)
     engine.warmup()
     follower = LLMEngine(config).runner
-    follower.warmup(group.commands[0].shapes)      # as engine/follower.py does: same programs, same null-page writes
+    follower.warmup(group.commands[0].shapes)      # as engine/device/follower.py: same programs, same null-page writes
     launched = []
     launch = engine.runner.launch
     engine.runner.launch = lambda *a: launched.append(launch(*a)) or launched[-1]

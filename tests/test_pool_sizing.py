@@ -2,7 +2,7 @@
 import pytest
 
 from engine.config import EngineConfig
-from engine.config_resolution import page_bytes, resolve_config
+from engine.loading.config_resolution import page_bytes, resolve_config
 from tests.test_sharding import SMOLLM2
 
 GiB = 1 << 30

@@ -1,11 +1,11 @@
 """q8_0: int8 weights per output feature, int8 activations in two levels per token on CPU
-(engine/quantization.py)."""
+(engine/device/quantization.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine.quantization import Int8Rows, QuantizedWeight, as_rows, dense, embed_lookup, int8_matmul, \
+from engine.device.quantization import Int8Rows, QuantizedWeight, as_rows, dense, embed_lookup, int8_matmul, \
     quantize_two_level, quantize_weight
 
 
@@ -125,9 +125,9 @@ def test_q8_0_engine_logits_stay_close_to_float32(tiny_gguf):
     random weights; two activation levels: see the run below) and at least 85%
     of positions keep float32's greedy token (measured 87.5%: random tiny weights have near-ties)."""
     from engine import LLM, SamplingParams
-    from engine.runner import Row
-    from engine.sequence import Sequence
-    from engine.request import Request
+    from engine.device.runner import Row
+    from engine.core.sequence import Sequence
+    from engine.core.request import Request
     opts = dict(max_batch_size=2, max_num_batched_tokens=64, max_length=64, kv_cache_page_size=16,
                 kv_cache_pages=8)
     ids = tuple(int(t) for t in np.random.default_rng(2).integers(3, 300, 40))
@@ -158,9 +158,9 @@ def test_q8_0_smollm2_answers_paris_and_holds_under_30_percent_of_float32():
 def test_q8_0_checkpoint_restores_quantized_and_serves_like_the_gguf(tiny_gguf, tmp_path):
     """Convert once (int8 on disk), restore as int8 (numpy and onto a device), same greedy tokens."""
     from engine import LLM, SamplingParams
-    from engine.checkpoint import convert_gguf, load_checkpoint
-    from engine.device_params import quantize_canonical
-    from engine.gguf_loader import load_gguf
+    from engine.loading.checkpoint import convert_gguf, load_checkpoint
+    from engine.device.device_params import quantize_canonical
+    from engine.loading.gguf_loader import load_gguf
     out = str(tmp_path / "q8")
     convert_gguf(tiny_gguf, out, "q8_0")
     _, params, _ = load_checkpoint(out)

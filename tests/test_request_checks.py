@@ -1,4 +1,4 @@
-"""One set of request rules for every front end (engine/request_checks.py, SamplingParams.validate): values
+"""One set of request rules for every front end (engine/core/request_checks.py, SamplingParams.validate): values
 that are not numbers are refused, seeds must fit the sampler, limits name their flags; the offline API
 applies the same rules as gRPC (tests/test_server.py runs them over the wire)."""
 from __future__ import annotations
@@ -8,9 +8,9 @@ import math
 import pytest
 
 from engine.config import EngineConfig
-from engine.request import Request
-from engine.request_checks import MAX_CACHE_SALT_LENGTH, MAX_REQUEST_ID_LENGTH, check_request, prompt_bytes_limit
-from engine.sampling_params import MAX_SEED, SamplingParams
+from engine.core.request import Request
+from engine.core.request_checks import MAX_CACHE_SALT_LENGTH, MAX_REQUEST_ID_LENGTH, check_request, prompt_bytes_limit
+from engine.core.sampling_params import MAX_SEED, SamplingParams
 
 CONFIG = EngineConfig(max_length=64, kv_cache_page_size=16, kv_cache_pages=16)
 

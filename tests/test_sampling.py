@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine.sampling import SamplingInputs, argmax, draw, filtered_logits, sample, thresholds
+from engine.device.sampling import SamplingInputs, argmax, draw, filtered_logits, sample, thresholds
 
 FILTER, SAMPLE = jax.jit(filtered_logits), jax.jit(sample)
 

@@ -4,11 +4,11 @@ import random
 
 import pytest
 
-from engine.block_manager import BlockManager
-from engine.request import FinishReason, QueueFullError, Request
-from engine.sampling_params import SamplingParams
-from engine.scheduler import PrefillChunk, Scheduler
-from engine.sequence import Sequence, SequenceStatus
+from engine.core.block_manager import BlockManager
+from engine.core.request import FinishReason, QueueFullError, Request
+from engine.core.sampling_params import SamplingParams
+from engine.core.scheduler import PrefillChunk, Scheduler
+from engine.core.sequence import Sequence, SequenceStatus
 
 EOS, PS = 99, 4
 _ids = itertools.count()

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
-from engine.engine import LLMEngine
+from engine.core.engine import LLMEngine
 from engine.server import ABORT_RESERVE_SECONDS, EngineServer
 from engine.v1 import engine_pb2 as pb
 from engine.v1 import engine_pb2_grpc

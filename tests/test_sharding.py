@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from engine.config import ModelConfig
-from engine.distributed import check, maybe_initialize
-from engine.gguf_loader import load_gguf
-from engine.sharding import Layout, param_shapes, sharding_rules
+from engine.device.distributed import check, maybe_initialize
+from engine.loading.gguf_loader import load_gguf
+from engine.device.sharding import Layout, param_shapes, sharding_rules
 from tests.tiny_model import TinySpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +55,7 @@ def test_single_device_layout_keeps_whole_arrays(tiny_gguf_factory):
     placed = layout.put_params(params, jax.numpy.float32)
     wq = placed["layers"]["wq"]
     assert [s.data.shape for s in wq.addressable_shards] == [params["layers"]["wq"].shape]
-    from engine.device_params import FusedShapes, to_device_params
+    from engine.device.device_params import FusedShapes, to_device_params
     fused = to_device_params(params, layout, FusedShapes.for_layout(layout), jax.numpy.float32)
     d, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     assert [s.data.shape for s in fused["layers"][0]["wqkv"].addressable_shards] == [(d, q + 2 * kv)]
@@ -96,7 +96,7 @@ def run_driver(tmp, jobs: list) -> list:
 @pytest.fixture(scope="module")
 def sharded_runs(tiny_gguf_factory, tmp_path_factory):
     """Runs every multi-device job in one subprocess; returns {name: result}."""
-    from engine.checkpoint import convert_gguf
+    from engine.loading.checkpoint import convert_gguf
     tmp = tmp_path_factory.mktemp("sharding")
     tp, kv2, h6 = (tiny_gguf_factory(s) for s in (TP_SPEC, KV2_SPEC, TinySpec()))
     ckpt = str(tmp / "ckpt")
@@ -133,7 +133,7 @@ def test_pallas_attention_under_shard_map_equals_single_device(sharded_runs):
 @pytest.mark.parametrize("run,n", [("tp2", 2), ("tp4", 4)])
 def test_params_and_kv_pages_are_really_sharded(sharded_runs, run, n):
     r = sharded_runs[run]          # TP_SPEC: L=2, d=128, 8 heads x 16, 4 KV heads, F=256; vocab 331
-    assert r["num_layers"] == 2    # per-layer arrays (engine/device_params.py); layer 1 is described
+    assert r["num_layers"] == 2    # per-layer arrays (engine/device/device_params.py); layer 1 is described
     # Fused Q|K|V columns: each device holds its 8/n query heads and 4/n KV heads (128 + 64 + 64 columns).
     assert r["wqkv"] == {"spec": [None, "model"], "shards": [[128, 256 // n]], "num_shards": n}
     assert r["wo"] == {"spec": ["model", None], "shards": [[128 // n, 128]], "num_shards": n}
@@ -150,7 +150,7 @@ def test_q8_0_shards_int8_weights_with_their_scales_and_matches_one_device(shard
     assert two["tokens"] == one["tokens"] and two["again"] == one["tokens"]
     assert two["wqkv"]["shards"] == [[128, 128]] and two["wqkv_scale"] == {"spec": ["model"], "shards": [[128]],
                                                                            "num_shards": 2}
-    # wo on the device is int8 [out, in] (engine/quantization.py Int8Rows): sharded along its input features
+    # wo on the device is int8 [out, in] (engine/device/quantization.py Int8Rows): sharded along its input features
     assert two["wo"]["spec"] == [None, "model"] and two["wo_scale"] == {"spec": [None], "shards": [[128]],
                                                                         "num_shards": 2}
 
@@ -184,7 +184,7 @@ def test_checkpoint_restores_straight_onto_shards(sharded_runs):
 @pytest.mark.slow
 def test_smollm2_over_three_devices_answers_as_on_one(tmp_path):
     """The real model, 9 query / 3 KV heads, vocab 49152 and FFN 1536 all split 3 ways (FACTS.md's answer)."""
-    from engine.gguf_loader import default_model_path
+    from engine.loading.gguf_loader import default_model_path
     r = run_driver(tmp_path, [["chat", default_model_path(), "cpu:0,1,2"]])[0]
     assert (r["text"], r["finish_reason"]) == ("The capital of France is Paris.", "stop")
     assert r["k_cache"]["spec"] == [None, None, "model", None] and r["k_cache"]["num_shards"] == 3
