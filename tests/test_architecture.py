@@ -51,15 +51,20 @@ SCRIPT_EXCEPTIONS = {
 
 
 def _imports(path: pathlib.Path) -> set[str]:
-    """Every module `path` imports; `from engine import x` of a name outside engine.__all__ is engine.x."""
+    """Every module `path` imports; `from engine import x` of a name outside engine.__all__ is engine.x, and
+    `from <a package> import m` (a room of engine/) is <package>.m."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module)
             if node.module == "engine":
+                found.add(node.module)
                 found |= {f"engine.{a.name}" for a in node.names if a.name not in engine.__all__}
+            elif (ROOT / node.module.replace(".", "/")).is_dir():   # `from engine.device import sampling`
+                found |= {f"{node.module}.{a.name}" for a in node.names}
+            else:
+                found.add(node.module)
     return found
 
 
