@@ -43,6 +43,7 @@ class Group:
     def __init__(self, logs, model_path: str, num_processes: int, flags: list[str], timeout: float = 60.0):
         self.logs = logs  # a folder: each process writes its stdout/stderr to files (pipes could fill and block)
         self.port = free_port_pair()
+        self.model_path = model_path
         self.num_processes = num_processes
         self.args = [sys.executable, "-m", "engine.server", f"--model-path={model_path}", "--port=0",
                      f"--coordinator-address=127.0.0.1:{self.port}", f"--num-processes={num_processes}",

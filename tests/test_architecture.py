@@ -31,6 +31,7 @@ MODEL_SIDE = ("engine.device.runner", "engine.device.model", "engine.device.devi
               "engine.loading.weights", "engine.core.scheduler", "engine.core.block_manager", "engine.core.sequence",
               "engine.core.inbox", "engine.loading.engine_parts", "engine.loading.model_files",
               "engine.loading.gguf_loader", "engine.loading.gguf_metadata", "engine.loading.checkpoint",
+              "engine.loading.weight_source",
               "engine.loading.tokenizer", "kernels", "jax")
 # The rooms of engine/ by layer: the engine (core), its device step and its loading never depend on the
 # front ends that serve it.

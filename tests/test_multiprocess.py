@@ -109,12 +109,34 @@ def test_four_processes_serve_the_tokens_and_prefix_hits_of_one_process_then_sto
         group.start()
         channel, _, _ = _check_against_one_process(group, one_process, tmp_path)
         channel.close()
+        # Each process read only its shards: the tiny model's vocabulary (and so its embedding) does not
+        # divide over 4 and its Q4_K w_down is one block of 256 columns, so those are read by every process.
+        full, read = _full_read_mb(group.model_path), _weights_read_mb(group)
+        assert all(mb < 0.7 * full for mb in read.values()) and sum(read.values()) >= 0.99 * full, (read, full)
         group.signal(0, signal.SIGTERM)                              # drains, then stops the followers
         results = group.finish(60)
         assert {pid: status for pid, (status, _) in results.items()} == {0: 0, 1: 0, 2: 0, 3: 0}, \
             {pid: last_line(err) for pid, (_, err) in results.items()}
     finally:
         group.kill_all()
+
+
+def _full_read_mb(model_path: str) -> float:
+    """MB one process reads to load the whole model (every weight once, a tied embedding twice)."""
+    from engine.loading.gguf_loader import open_gguf_source
+    from engine.loading.weights import WEIGHTS
+    _, source, _ = open_gguf_source(model_path)
+    for w in WEIGHTS:
+        source.read_all(w)
+    return source.bytes_read / 1e6
+
+
+def _weights_read_mb(group: Group) -> dict[int, float]:
+    """MB of weights each process read, from its start-up log (engine/device/device_params.py)."""
+    found = {pid: re.search(r"weights: read ([\d.e+]+) MB of the", group.stderr(pid))
+             for pid in range(group.num_processes)}
+    assert all(found.values()), {pid: last_line(group.stderr(pid)) for pid, m in found.items() if not m}
+    return {pid: float(m.group(1)) for pid, m in found.items()}
 
 
 def _free_port() -> int:
@@ -149,6 +171,28 @@ def test_two_processes_serve_like_one_and_a_killed_follower_fails_process_0_loud
         assert "follower process 1" in last_line(err) and "exiting with status 1" in last_line(err)
         assert time.monotonic() - killed < 20.0
         channel.close()
+    finally:
+        group.kill_all()
+
+
+def test_two_processes_restore_their_checkpoint_shards_and_quantize_like_one_process(tiny_gguf_factory, tmp_path):
+    """An orbax checkpoint restored onto a mesh over two processes (each reads its addressable shards), served
+    q8_0: quantized at load, each row-parallel matrix's scales from its maxima over both processes."""
+    from engine.loading.checkpoint import convert_gguf
+    checkpoint = str(tmp_path / "checkpoint")
+    convert_gguf(tiny_gguf_factory(TP_SPEC), checkpoint, "float32")
+    prompts = [PREFIX + list(s) for s in SUFFIXES]
+    llm = LLM(checkpoint, devices="cpu", quantization_encoding="q8_0", **OPTS)
+    want = [list(o.token_ids) for o in llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))]
+    group = Group(str(tmp_path), checkpoint, 2, FLAGS + ["--quantization-encoding=q8_0", "--http-port=0"])
+    try:
+        group.start()
+        channel, stub, _ = _served(group)
+        assert [_one(stub, p)[0] for p in prompts] == want
+        assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5).dtype == "q8_0"
+        channel.close()
+        group.signal(0, signal.SIGTERM)
+        assert {pid: status for pid, (status, _) in group.finish(60).items()} == {0: 0, 1: 0}
     finally:
         group.kill_all()
 
@@ -190,6 +234,10 @@ def test_real_model_over_three_processes_answers_paris(tmp_path):
         text = "".join(r.text for r in stub.Generate(request, timeout=120))
         channel.close()
         assert "Paris" in text, text
+        # Each host read a third of the weights (SmolLM2's heads, MLP and vocabulary divide by 3, every
+        # split column-aligned to the Q4_1 blocks); only the norms are read by all.
+        full, read = _full_read_mb(group.model_path), _weights_read_mb(group)
+        assert all(mb <= 0.34 * full for mb in read.values()) and sum(read.values()) >= 0.99 * full, (read, full)
         group.signal(0, signal.SIGTERM)
         assert {pid: status for pid, (status, _) in group.finish(60).items()} == {0: 0, 1: 0, 2: 0}
     finally:

@@ -11,9 +11,15 @@ the MLP. So the columns are interleaved in `n` blocks, block i holding device i'
 V heads (or gate then up columns): splitting the fused columns evenly over the mesh hands each device
 exactly its block. When the KV heads do not divide over the devices they stay replicated, so K/V are
 fused into their own replicated matrix `wkv` beside a sharded `wq`.
+
+Each device's block is read from the weights' source (engine/loading/weight_source.py) by region — for a
+fused block, the matching columns of each part — and the global array is assembled from the blocks of this
+process's devices (`jax.make_array_from_single_device_arrays`). So one process of a multi-host group reads
+and dequantizes only the shards its devices hold, never the whole model.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import jax
@@ -21,9 +27,16 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from engine.config import ModelConfig
-from engine.device.quantization import Int8Rows, QuantizedWeight, as_rows, quantize_weight
+from engine.device.quantization import (Int8Rows, QuantizedWeight, as_rows, quantize_weight, quantize_with_scale,
+                                       scale_of)
 from engine.device.sharding import AXIS, Layout
-from engine.loading.weights import QUANTIZED, ROWS, WEIGHTS
+from engine.loading.weight_source import WeightSource, as_source, region_of
+from engine.loading.weights import QUANTIZED, ROWS, WEIGHTS, Weight, shape_of
+
+log = logging.getLogger(__name__)
+_W = {w.name: w for w in WEIGHTS}
+# Device parameters q8_0 stores as int8: the matrices and their fused forms (norms stay float).
+_QUANTIZABLE = set(QUANTIZED) | {"wqkv", "wkv", "w_gate_up"}
 
 def _per_row(name: str) -> bool:
     """Whether q8_0 scales this weight per row (the embedding, engine/loading/weights.py) rather than per column;
@@ -46,20 +59,52 @@ class FusedShapes:
                            kv_fused=rules.get("kv_heads") == AXIS or n == 1)
 
 
-def _interleave(parts: list, blocks: int):
-    """[in, c_i] matrices -> [in, sum c_i], as `blocks` blocks each holding 1/blocks of every part. Int8
-    parts interleave their per-column scales the same way (per-column quantization commutes with this)."""
-    if isinstance(parts[0], QuantizedWeight):
-        return QuantizedWeight(_interleave([p.q for p in parts], blocks),
-                               _interleave([p.scale[None] for p in parts], blocks)[0])
-    split = [np.split(p, blocks, axis=-1) for p in parts]
-    return np.concatenate([s[b] for b in range(blocks) for s in split], axis=-1)
+@dataclass(frozen=True)
+class Fused:
+    """One device parameter: the canonical weights `parts` side by side along the output (last) axis, as
+    `blocks` interleaved blocks each holding 1/blocks of every part's columns (one part, one block: the
+    weight itself). Per-layer parts give one such parameter per layer."""
+    parts: tuple[Weight, ...]
+    blocks: int = 1
 
 
-def _layer_slice(leaf, i: int):
-    if isinstance(leaf, QuantizedWeight):
-        return QuantizedWeight(np.asarray(leaf.q[i]), np.asarray(leaf.scale[i], np.float32))
-    return np.asarray(leaf[i], np.float32)
+def layer_parts(fused: FusedShapes) -> dict[str, Fused]:
+    """What each per-layer device parameter is made of."""
+    out = {"attn_norm": Fused((_W["attn_norm"],)), "wo": Fused((_W["wo"],)), "mlp_norm": Fused((_W["mlp_norm"],)),
+           "w_down": Fused((_W["w_down"],)), "w_gate_up": Fused((_W["w_gate"], _W["w_up"]), fused.mlp_blocks)}
+    if fused.kv_fused:
+        out["wqkv"] = Fused((_W["wq"], _W["wk"], _W["wv"]), fused.attn_blocks)
+    else:
+        out["wq"], out["wkv"] = Fused((_W["wq"],)), Fused((_W["wk"], _W["wv"]))
+    return out
+
+
+def _shape(f: Fused, c: ModelConfig) -> tuple[int, ...]:
+    """The device parameter's shape (one layer's): the parts' shape with their columns summed."""
+    shapes = [shape_of(p, c)[1:] if p.per_layer else shape_of(p, c) for p in f.parts]
+    return (*shapes[0][:-1], sum(s[-1] for s in shapes))
+
+
+def read_fused(source: WeightSource, f: Fused, layer: int | None, region: tuple[slice, ...]):
+    """region of the device parameter `f` (layer `layer`), read part by part from `source`: only the blocks
+    of each part's columns that fall in the region. float32 or QuantizedWeight (scales kept per column)."""
+    *lead, cols = region
+    widths = [shape_of(p, source.config)[-1] // f.blocks for p in f.parts]
+    block = sum(widths)
+    pieces = []
+    for b in range(cols.start // block, -(-cols.stop // block)):
+        at = b * block
+        for part, width in zip(f.parts, widths):
+            lo, hi = max(cols.start, at), min(cols.stop, at + width)
+            if lo < hi:
+                first = b * width + lo - at
+                pieces.append(source.read(part, layer, (*lead, slice(first, first + hi - lo))))
+            at += width
+    if len(pieces) == 1:
+        return pieces[0]
+    if isinstance(pieces[0], QuantizedWeight):
+        return QuantizedWeight(np.concatenate([p.q for p in pieces], -1), np.concatenate([p.scale for p in pieces], -1))
+    return np.concatenate(pieces, -1)
 
 
 def quantize_canonical(params: dict) -> dict:
@@ -70,18 +115,6 @@ def quantize_canonical(params: dict) -> dict:
         return quantize_weight(np.asarray(leaf, np.float32), per_row=_per_row(name))
     out = {k: q(k, v) for k, v in params.items() if k != "layers"}
     out["layers"] = {k: q(k, v) for k, v in params["layers"].items()}
-    return out
-
-
-def fuse_layer(c: ModelConfig, layers: dict, i: int, fused: FusedShapes) -> dict:
-    """Layer i of the canonical stacked params, fused (numpy; float32 or QuantizedWeight)."""
-    g = {k: _layer_slice(v, i) for k, v in layers.items()}
-    out = {"attn_norm": g["attn_norm"], "wo": g["wo"], "mlp_norm": g["mlp_norm"], "w_down": g["w_down"],
-           "w_gate_up": _interleave([g["w_gate"], g["w_up"]], fused.mlp_blocks)}
-    if fused.kv_fused:
-        out["wqkv"] = _interleave([g["wq"], g["wk"], g["wv"]], fused.attn_blocks)
-    else:
-        out["wq"], out["wkv"] = g["wq"], _interleave([g["wk"], g["wv"]], 1)
     return out
 
 
@@ -109,38 +142,79 @@ def _dequantize(name: str, w: QuantizedWeight) -> np.ndarray:
     return np.asarray(w.q, np.float32) * (scale[..., :, None] if _per_row(name) else scale[..., None, :])
 
 
-def _place(name: str, w, spec: P, mesh, dtype, quantize: bool):
-    """Puts one weight on its shards: a QuantizedWeight as Int8Rows (int8 [out, in], the transpose of the
-    canonical layout, so its spec is reversed; scales sharded with the rows) — dequantized instead when the
-    engine runs in a float encoding, e.g. a q8_0 checkpoint served as float32 — anything else as `dtype`."""
-    if isinstance(w, QuantizedWeight) and not quantize:
-        w = _dequantize(name, w)
-    if isinstance(w, QuantizedWeight):
-        rows = as_rows(w, per_row=_per_row(name))
-        axes = tuple(spec) + (None,) * (2 - len(tuple(spec)))
-        row_spec = P(*axes) if _per_row(name) else P(axes[1], axes[0])
-        return Int8Rows(jax.device_put(rows.q, NamedSharding(mesh, row_spec)),
-                        jax.device_put(rows.scale, NamedSharding(mesh, P(row_spec[0]))))
-    return jax.device_put(np.asarray(w, dtype), NamedSharding(mesh, spec))
+def _scales(name: str, blocks: dict, spec: P, mesh) -> dict:
+    """q8_0 scales of each float block, one per output column (per row for the embedding): its absmax over
+    the whole matrix. A block holds whole columns unless the spec splits the other axis (a row-parallel
+    wo / w_down): then the maxima of this process's blocks are combined, and across processes by one
+    all-gather (every process places the same weights in the same order, so the collectives pair up)."""
+    reduce_axis = 1 if _per_row(name) else 0
+    axes = tuple(spec) + (None,) * (2 - len(tuple(spec)))
+    if axes[reduce_axis] is None:
+        return {k: scale_of(np.max(np.abs(v), axis=reduce_axis)) for k, v in blocks.items()}
+    amax = np.max([np.max(np.abs(v), axis=reduce_axis) for v in blocks.values()], axis=0)
+    if len({d.process_index for d in mesh.devices.flat}) > 1:
+        from jax.experimental import multihost_utils
+        amax = np.max(np.asarray(multihost_utils.process_allgather(amax)), axis=0)
+    scale = scale_of(amax)
+    return {k: scale for k in blocks}
 
 
-def to_device_params(canonical: dict, layout: Layout, fused: FusedShapes, dtype, quantize: bool = False) -> dict:
-    """{'embed', 'final_norm', 'lm_head', 'layers': (L dicts)} on the mesh. `canonical` may hold numpy or
-    jax arrays (an orbax restore) or, from a q8_0 checkpoint, QuantizedWeights; with `quantize` float
-    matrices are quantized first. Each layer is fused on the host one at a time."""
+def _place(name: str, f: Fused, layer: int | None, source: WeightSource, spec: P, mesh, dtype, quantize: bool):
+    """One device parameter on its shards, each device's block read from `source` (so a process reads only
+    what its devices hold; replicated blocks once). A QuantizedWeight (or, with `quantize`, a float block
+    quantized here) goes as Int8Rows: int8 [out, in], the transpose of the canonical layout, so its spec is
+    reversed, scales sharded with the rows; it is dequantized instead when the engine runs a float encoding
+    (e.g. a q8_0 checkpoint served as float32). Anything else goes as `dtype`."""
+    shape = _shape(f, source.config)
+    sharding = NamedSharding(mesh, spec)
+    index = {d: region_of(i, shape) for d, i in sharding.addressable_devices_indices_map(shape).items()}
+    key = lambda region: tuple((s.start, s.stop) for s in region)
+    blocks = {}
+    for region in index.values():
+        if key(region) not in blocks:
+            blocks[key(region)] = read_fused(source, f, layer, region)
+    stored_int8 = isinstance(next(iter(blocks.values())), QuantizedWeight)
+    if stored_int8 and not quantize:
+        blocks = {k: _dequantize(name, v) for k, v in blocks.items()}
+    elif quantize and not stored_int8 and name in _QUANTIZABLE:
+        scales = _scales(name, blocks, spec, mesh)
+        blocks = {k: QuantizedWeight(quantize_with_scale(v, scales[k], _per_row(name)), scales[k])
+                  for k, v in blocks.items()}
+    if not isinstance(next(iter(blocks.values())), QuantizedWeight):
+        return _assemble(shape, sharding, {d: np.asarray(blocks[key(r)], dtype) for d, r in index.items()})
+    per_row = _per_row(name)
+    axes = tuple(spec) + (None,) * (2 - len(tuple(spec)))
+    row_spec = P(*axes) if per_row else P(axes[1], axes[0])
+    rows = {d: as_rows(blocks[key(r)], per_row=per_row) for d, r in index.items()}
+    return Int8Rows(_assemble(shape if per_row else shape[::-1], NamedSharding(mesh, row_spec),
+                              {d: r.q for d, r in rows.items()}),
+                    _assemble(shape[:1] if per_row else shape[1:], NamedSharding(mesh, P(row_spec[0])),
+                              {d: r.scale for d, r in rows.items()}))
+
+
+def _assemble(shape, sharding: NamedSharding, shards: dict) -> jax.Array:
+    """A global array from this process's blocks, one per addressable device."""
+    return jax.make_array_from_single_device_arrays(
+        shape, sharding, [jax.device_put(block, device) for device, block in shards.items()])
+
+
+def to_device_params(params, layout: Layout, fused: FusedShapes, dtype, quantize: bool = False) -> dict:
+    """{'embed', 'final_norm', 'lm_head', 'layers': (L dicts)} on the mesh, read from `params`: a
+    WeightSource (a GGUF file is read region by region) or a canonical tree (numpy or jax arrays, e.g. an
+    orbax restore, or from a q8_0 checkpoint QuantizedWeights). With `quantize` float matrices are quantized
+    to int8 (q8_0) block by block. Only this process's blocks are read."""
     c, mesh = layout.config, layout.mesh
+    source = as_source(c, params)
     specs, top = layer_specs(layout, fused), top_specs(layout)
-    if quantize:
-        canonical = quantize_canonical(canonical)
-    layers = []
-    for i in range(c.num_layers):
-        fused_layer = fuse_layer(c, canonical["layers"], i, fused)
-        layers.append({k: _place(k, v, specs[k], mesh, dtype, quantize) for k, v in fused_layer.items()})
-    out = {k: _place(k, canonical[k], top[k], mesh, dtype, quantize) for k in top}
-    out["layers"] = tuple(layers)
+    parts = layer_parts(fused)
+    layers = tuple({k: _place(k, f, i, source, specs[k], mesh, dtype, quantize) for k, f in parts.items()}
+                   for i in range(c.num_layers))
+    out = {k: _place(k, Fused((_W[k],)), None, source, top[k], mesh, dtype, quantize) for k in top}
+    out["layers"] = layers
+    # The read can exceed the stored bytes: a tied model reads its embedding twice (as embed and lm_head).
+    log.info("weights: read %.3g MB of the %.3g MB stored, for the shards of %d of %d devices",
+             source.bytes_read / 1e6, source.total_bytes / 1e6, len(mesh.local_devices), mesh.devices.size)
     return out
-
-
 def param_bytes(params) -> int:
     """Bytes the placed params hold (per device copy summed over shards' logical size)."""
     return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params)))

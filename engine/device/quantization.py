@@ -47,11 +47,20 @@ def quantize_weight(w: np.ndarray, per_row: bool = False) -> QuantizedWeight:
     """Symmetric int8 of a [..., rows, cols] matrix (numpy) with one scale per column (per row when
     per_row): the largest |w| of each column (row) maps to 127."""
     w = np.asarray(w, np.float32)
+    scale = scale_of(np.max(np.abs(w), axis=-1 if per_row else -2))
+    return QuantizedWeight(quantize_with_scale(w, scale, per_row), scale)
+
+
+def scale_of(amax: np.ndarray) -> np.ndarray:
+    """float32 scales from the largest |w| of each column (row): amax / 127, 1 for an all-zero one."""
+    return np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+
+
+def quantize_with_scale(w: np.ndarray, scale: np.ndarray, per_row: bool = False) -> np.ndarray:
+    """int8 of w [..., rows, cols] at given scales (one per column, or per row): the rounding of
+    quantize_weight, for a block of a matrix whose scales come from the whole of it."""
     axis = -1 if per_row else -2
-    amax = np.max(np.abs(w), axis=axis)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w / np.expand_dims(scale, axis)), -127, 127).astype(np.int8)
-    return QuantizedWeight(q, scale)
+    return np.clip(np.rint(np.asarray(w, np.float32) / np.expand_dims(scale, axis)), -127, 127).astype(np.int8)
 
 
 class Int8Rows(NamedTuple):

@@ -24,7 +24,7 @@ from engine.device.device_params import FusedShapes, param_bytes, to_device_para
 from engine.device.model import ModelSpec, StepInputs, forward
 from engine.device.sampling import SamplingInputs, sample
 from engine.core.sequence import PLACEHOLDER
-from engine.device.sharding import Layout, check_param_shapes, param_shapes
+from engine.device.sharding import Layout
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,10 @@ class Row:
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, params: dict, *, dtype: str, devices: list, page_size: int,
+    def __init__(self, model_config: ModelConfig, params, *, dtype: str, devices: list, page_size: int,
                  num_pages: int, buckets: Buckets, attention_backend: str):
+        """params: the canonical tree (engine/loading/weights.py) or a WeightSource (a GGUF read by region); only
+        the blocks this process's `devices` hold are read."""
         self.config = model_config
         self.page_size = page_size
         self.num_pages = num_pages
@@ -107,7 +109,6 @@ class ModelRunner:
         # (engine/device/sharding.py); on one device every spec is whole, i.e. plain placement.
         self.layout = Layout.build(model_config, list(devices))
         fused = FusedShapes.for_layout(self.layout)
-        check_param_shapes(params, param_shapes(model_config))
         self.params = to_device_params(params, self.layout, fused, self.dtype, quantize=self.quantized)
         self.param_bytes = param_bytes(self.params)
         self.spec = ModelSpec(model_config, fused, self.dtype, attention_backend,

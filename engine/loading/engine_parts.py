@@ -13,6 +13,7 @@ from engine.loading.config_resolution import resolve_config
 from engine.device.devices import describe, select_devices
 from engine.loading.gguf_loader import resolve_model_path
 from engine.loading.model_files import load_model
+from engine.loading.weights import num_parameters
 from engine.device.runner import Buckets, ModelRunner
 from engine.core.scheduler import Scheduler
 from engine.loading.tokenizer import Tokenizer
@@ -38,10 +39,10 @@ def load_engine_parts(config: EngineConfig) -> LoadedEngineParts:
     enable_compilation_cache()
     devices = select_devices(config.devices)
     path = resolve_model_path(config.model_path)
-    # Several processes: each restores a checkpoint on its host and places only its own shards (placing
-    # straight from orbax onto a mesh with other processes' devices would leave arrays no host can fuse).
-    mc, params, tokenizer = load_model(path, devices if len({d.process_index for d in devices}) == 1 else None)
-    num_params = sum(a.size for a in _leaves(params))
+    # Each process reads only the shards its devices hold: a GGUF by region when the runner places it, a
+    # checkpoint by orbax restoring this process's addressable shards of the mesh.
+    mc, params, tokenizer = load_model(path, devices)
+    num_params = num_parameters(mc)
     resolved = agree_across_processes(resolve_config(dataclasses.replace(config, model_path=path), mc,
                                                      _local(devices), num_params, len(devices)))
     resolved = dataclasses.replace(resolved, devices=describe(devices))
@@ -90,11 +91,3 @@ def agree_across_processes(config: EngineConfig) -> EngineConfig:
     from jax.experimental import multihost_utils
     pages = multihost_utils.process_allgather(np.array([config.kv_cache_pages], np.int32))
     return dataclasses.replace(config, kv_cache_pages=int(np.min(pages)))
-
-
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _leaves(v)
-    else:
-        yield tree

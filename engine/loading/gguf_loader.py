@@ -1,7 +1,9 @@
-"""GGUF file -> ModelConfig, a params pytree of numpy arrays, and the raw metadata (for the tokenizer).
+"""GGUF file -> ModelConfig, the weights (read by region, or whole as a params tree of numpy arrays), and
+the raw metadata (for the tokenizer).
 
-Weights are dequantized once at load (every type `gguf.quants.dequantize` handles) and laid out for the
-model: matrices as [in, out] so activations multiply on the left, layers stacked on a leading axis for
+Weights are dequantized at load (every type `gguf.quants.dequantize` handles), only the regions asked for
+(a host of a multi-process group reads its own shards), and laid out for the model: matrices as [in, out]
+so activations multiply on the left, layers stacked on a leading axis for
 `jax.lax.scan`, the output projection stored pre-transposed (tied models copy the token embedding).
 Q/K rows stay in the order GGUF converters wrote them (permuted for llama.cpp's RoPE), so the model rotates
 interleaved pairs, exactly as llama.cpp does.
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from engine.config import ModelConfig, RopeScaling
+from engine.loading.weight_source import WeightSource
 from engine.loading.weights import WEIGHTS, Weight, check_param_shapes, param_shapes, tree as weight_tree
 
 log = logging.getLogger(__name__)
@@ -115,45 +118,97 @@ def model_config_from_metadata(meta: dict[str, Any], path: str, rope_freqs: np.n
         rope_scaling=scaling)
 
 
-def _dequantize(tensor, path: str) -> np.ndarray:
-    """One GGUF tensor as float32 in numpy order ([out, in] for matrices)."""
+_TYPES = ("F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K-Q6_K, IQ1-IQ4, TQ1_0/TQ2_0, MXFP4")
+
+
+def _dequantize_region(tensor, region: tuple[slice, ...], path: str) -> tuple[np.ndarray, int]:
+    """region (slices with bounds, numpy order: [out, in] for a matrix) of one GGUF tensor as float32, and
+    the bytes read for it. A quantized row is a run of blocks (32 or 256 values): a column slice reads the
+    blocks that cover it and trims, so a host reads its own columns too, not only its own rows."""
+    import gguf
     from gguf import quants
+    data, qtype = tensor.data, tensor.tensor_type
+    *lead, cols = region
+    if data.dtype == np.uint8 and qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]        # data is [rows, bytes per row]
+        c0, c1 = cols.start // block * block, -(-cols.stop // block) * block
+        raw = data[(*lead, slice(c0 // block * type_size, c1 // block * type_size))]
+        trim = slice(cols.start - c0, cols.stop - c0)
+    else:
+        raw, trim = data[region], slice(None)
     try:
-        out = quants.dequantize(tensor.data, tensor.tensor_type)
+        out = quants.dequantize(np.ascontiguousarray(raw), qtype)
     except NotImplementedError:
-        raise ModelLoadError(f"{path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which this "
-                             "engine cannot dequantize; supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, "
-                             "Q8_0, Q2_K-Q6_K, IQ1-IQ4, TQ1_0/TQ2_0, MXFP4") from None
+        raise ModelLoadError(f"{path}: tensor {tensor.name!r} has type {qtype.name}, which this engine cannot "
+                             f"dequantize; supported: {_TYPES}") from None
     except Exception as e:
         raise ModelLoadError(f"{path}: tensor {tensor.name!r} could not be read ({type(e).__name__}: {e}); "
                              "is the file truncated?") from None
-    shape = tuple(int(d) for d in reversed(tensor.shape))
-    return np.asarray(out, dtype=np.float32).reshape(shape)
+    return np.asarray(out, dtype=np.float32)[..., trim], int(raw.nbytes)
+
+
+def _dims(tensor) -> tuple[int, ...]:
+    """A GGUF tensor's shape in numpy order ([out, in] for a matrix)."""
+    return tuple(int(d) for d in reversed(tensor.shape))
 
 
 _EMBED, _LM_HEAD = (next(w for w in WEIGHTS if w.name == n) for n in ("embed", "lm_head"))
 
 
-def _tensor(tensors: dict, name: str, path: str):
-    if name not in tensors:
-        raise ModelLoadError(f"{path}: missing tensor {name!r}")
-    return tensors[name]
+class GGUFSource(WeightSource):
+    """The weights of an open GGUF file, read by region (engine/loading/weight_source.py). Every tensor is
+    checked at open (present, its shape, a type this engine can dequantize) so a bad file fails before any
+    device is touched; the data is memory-mapped and only the regions asked for are read."""
+
+    def __init__(self, path: str, reader, config: ModelConfig):
+        self.path, self.config = path, config
+        self.tensors = {t.name: t for t in reader.tensors}
+        self.bytes_read = 0
+        self._tied = config.tie_word_embeddings
+        names = {self._name(w, i) for w in WEIGHTS for i in (range(config.num_layers) if w.per_layer else [None])}
+        present = [self.tensors[n] for n in sorted(names) if n in self.tensors]
+        for t in {t.tensor_type: t for t in present}.values():   # one row of each type: fails now, not mid-load
+            _dequantize_region(t, tuple(slice(0, 1) for _ in _dims(t)[:-1]) + (slice(0, _dims(t)[-1]),), path)
+        for name in sorted(names):
+            if name not in self.tensors:
+                raise ModelLoadError(f"{path}: missing tensor {name!r}")
+        self.total_bytes = sum(int(self.tensors[n].data.nbytes) for n in names)
+        self._check_shapes()
+
+    def _name(self, w: Weight, layer: int | None) -> str:
+        if w is _LM_HEAD and self._tied:
+            return f"{_EMBED.gguf}.weight"      # a tied model's output projection is the embedding
+        return f"blk.{layer}.{w.gguf}.weight" if w.per_layer else f"{w.gguf}.weight"
+
+    def _transposed(self, w: Weight) -> bool:
+        return w.transpose or (w is _LM_HEAD and self._tied)
+
+    def _check_shapes(self) -> None:
+        class Shape:
+            def __init__(self, shape):
+                self.shape = shape
+        def canonical(w):
+            dims = _dims(self.tensors[self._name(w, 0 if w.per_layer else None)])
+            dims = dims[::-1] if self._transposed(w) else dims
+            return Shape((self.config.num_layers, *dims) if w.per_layer else dims)
+        try:
+            check_param_shapes(weight_tree((w.path, canonical(w)) for w in WEIGHTS), param_shapes(self.config))
+        except ValueError as e:
+            raise ModelLoadError(f"{self.path}: {e} from the metadata") from None
+
+    def read(self, w: Weight, layer: int | None, region: tuple[slice, ...]) -> np.ndarray:
+        tensor = self.tensors[self._name(w, layer)]
+        if not self._transposed(w):
+            out, nbytes = _dequantize_region(tensor, region, self.path)
+        else:                                  # canonical [in, out] is the GGUF's [out, in] transposed
+            out, nbytes = _dequantize_region(tensor, region[::-1], self.path)
+            out = out.T
+        self.bytes_read += nbytes
+        return np.ascontiguousarray(out)
 
 
-def _read(tensors: dict, w: Weight, num_layers: int, path: str) -> np.ndarray:
-    """One parameter as float32 in our layout (engine/loading/weights.py): transposed to [in, out] where GGUF
-    stores [out, in], per-layer tensors stacked on a leading axis."""
-    def one(name):
-        a = _dequantize(_tensor(tensors, name, path), path)
-        return a.T if w.transpose else a
-    if not w.per_layer:
-        return np.ascontiguousarray(one(f"{w.gguf}.weight"))
-    return np.ascontiguousarray(np.stack([one(f"blk.{i}.{w.gguf}.weight") for i in range(num_layers)]))
-
-
-def load_gguf(path: str) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
-    """Reads a llama-family GGUF. Returns (config, params, metadata); params are float32 numpy arrays in
-    the canonical tree of engine/loading/weights.py (names, shapes in terms of the config, GGUF tensor names)."""
+def open_gguf_source(path: str) -> tuple[ModelConfig, GGUFSource, dict[str, Any]]:
+    """Opens a llama-family GGUF without reading its weights: (config, a GGUFSource, metadata)."""
     from engine.loading.gguf_metadata import read_metadata
     reader = open_gguf(path)
     try:
@@ -161,15 +216,19 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
     except Exception as e:
         raise ModelLoadError(f"{path}: GGUF metadata could not be read ({type(e).__name__}: {e})") from None
     tensors = {t.name: t for t in reader.tensors}
-    # The embedding first: its rows are the vocabulary size when the metadata does not say.
-    embed = _read(tensors, _EMBED, 0, path)
-    rope_freqs = _dequantize(tensors["rope_freqs.weight"], path) if "rope_freqs.weight" in tensors else None
-    tied = f"{_LM_HEAD.gguf}.weight" not in tensors
-    config = model_config_from_metadata(meta, path, rope_freqs, not tied, embed.shape[0])
-    params = weight_tree((w.path, embed if w is _EMBED else np.ascontiguousarray(embed.T) if w is _LM_HEAD and tied
-                          else _read(tensors, w, config.num_layers, path)) for w in WEIGHTS)
-    try:
-        check_param_shapes(params, param_shapes(config))
-    except ValueError as e:
-        raise ModelLoadError(f"{path}: {e} from the metadata") from None
-    return config, params, meta
+    embed = tensors.get(f"{_EMBED.gguf}.weight")
+    if embed is None:
+        raise ModelLoadError(f"{path}: missing tensor '{_EMBED.gguf}.weight'")
+    rope = tensors.get("rope_freqs.weight")
+    rope_freqs = _dequantize_region(rope, (slice(0, _dims(rope)[0]),), path)[0] if rope is not None else None
+    has_output = f"{_LM_HEAD.gguf}.weight" in tensors
+    config = model_config_from_metadata(meta, path, rope_freqs, has_output, _dims(embed)[0])
+    return config, GGUFSource(path, reader, config), meta
+
+
+def load_gguf(path: str) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
+    """Reads a llama-family GGUF whole. Returns (config, params, metadata); params are float32 numpy arrays
+    in the canonical tree of engine/loading/weights.py (names, shapes in terms of the config, GGUF tensor
+    names). Serving reads by region instead (open_gguf_source)."""
+    config, source, meta = open_gguf_source(path)
+    return config, weight_tree((w.path, source.read_all(w)) for w in WEIGHTS), meta

@@ -3,20 +3,21 @@ from __future__ import annotations
 
 import os
 
-from engine.loading.gguf_loader import load_gguf, open_gguf, resolve_model_path
+from engine.loading.gguf_loader import open_gguf, open_gguf_source, resolve_model_path
 from engine.loading.tokenizer import Tokenizer
 
 
 def load_model(path: str, devices: list | None = None):
-    """(ModelConfig, params, Tokenizer) from a GGUF file (numpy params) or an orbax checkpoint directory
-    (restored straight onto its shards over `devices` when given, else numpy)."""
+    """(ModelConfig, weights, Tokenizer) from a GGUF file (weights: a GGUFSource, read by region when placed)
+    or an orbax checkpoint directory (restored straight onto its shards over `devices` when given — on a mesh
+    over several processes each reads only its addressable shards — else numpy)."""
     if os.path.isdir(path):
         from engine.loading.checkpoint import load_checkpoint, read_checkpoint_config
         from engine.device.sharding import Layout
         layout = Layout.build(read_checkpoint_config(path)[0], devices) if devices else None
         return load_checkpoint(path, layout.param_shardings() if layout else None)
-    config, params, meta = load_gguf(path)
-    return config, params, Tokenizer.from_gguf_metadata(meta, source=path)
+    config, source, meta = open_gguf_source(path)
+    return config, source, Tokenizer.from_gguf_metadata(meta, source=path)
 
 
 def load_tokenizer(model_path: str | None = None) -> Tokenizer:

@@ -13,6 +13,7 @@ q8_0, the `quantized` ones: int8 with one float32 scale per output column, or pe
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,11 @@ def axis_sizes(c: ModelConfig) -> dict[str, int]:
 def shape_of(w: Weight, c: ModelConfig) -> tuple[int, ...]:
     sizes = axis_sizes(c)
     return tuple(sizes[a] for a in w.axes)
+
+
+def num_parameters(c: ModelConfig) -> int:
+    """Values in the canonical params (a tied model's lm_head counted, as it is held)."""
+    return sum(math.prod(shape_of(w, c)) for w in WEIGHTS)
 
 
 def param_shapes(c: ModelConfig) -> dict[str, Any]:
