@@ -203,7 +203,7 @@ def _load_llm_engine(config: EngineConfig, group=None):
     try:
         from engine.core.engine import LLMEngine
     except ImportError as e:
-        raise ServeError(f"cannot import the engine (engine.engine.LLMEngine): {e}") from None
+        raise ServeError(f"cannot import the engine (engine.core.engine.LLMEngine): {e}") from None
     return LLMEngine(config, group=group)
 
 
@@ -261,7 +261,7 @@ def _follow(config: EngineConfig, options: ServeOptions, link) -> int:
 
 def serve(config: EngineConfig, options: ServeOptions, engine_factory: Callable | None = None) -> int:
     """Runs the server until SIGTERM/SIGINT; returns the exit status. `engine_factory(config)` builds
-    the engine (default: engine.engine.LLMEngine; the tests pass their FakeEngine)."""
+    the engine (default: engine.core.engine.LLMEngine; the tests pass their FakeEngine)."""
     group = _join_group(config, options) if options.num_processes else None
     if group is not None and options.process_id != 0:
         return _follow(config, options, group)

@@ -405,7 +405,7 @@ def test_dashed_and_underscore_flags_parse_the_same():
 
 
 def test_unreadable_model_file_exits_with_one_line_naming_it(tmp_path):
-    """Needs the real engine (engine.engine.LLMEngine): its ValueError must name the file."""
+    """Needs the real engine (engine.core.engine.LLMEngine): its ValueError must name the file."""
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"not a gguf file")
     p = subprocess.run(_server_cmd(f"--model-path={bad}", "--port=0"), cwd=ROOT, capture_output=True, text=True,

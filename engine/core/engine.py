@@ -38,7 +38,7 @@ MAX_CONSECUTIVE_FAILURES = 3
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, group=None):
-        """`group`: process 0's engine/control_channel.Leader in a multi-process server (None: one process)."""
+        """`group`: process 0's engine/device/control_channel.Leader in a multi-process server (None: one process)."""
         parts: LoadedEngineParts = load_engine_parts(config)
         self.config = parts.config                  # every None resolved
         self.model_config = parts.model_config
