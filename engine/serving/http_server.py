@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.serving import http_convert
-from engine.serving.front_end_gate import FrontEndGate, GateClosed
+from engine.serving.front_end_gate import FrontEndGate
 from engine.serving.http_errors import HttpError, error_response, install_handlers, param_of
 from engine.serving.http_models import ChatCompletionRequest, CompletionRequest
 from engine.serving.http_stream import EngineResponse
@@ -107,21 +107,7 @@ class HttpFrontEnd(FrontEndGate):
         if self.executor is not None:
             self.executor.shutdown(wait=False)
 
-    # -- used by the routes ----------------------------------------------------------------------------
-    def ready_engine(self):
-        """The engine, or HttpError 503 while the model loads, the server drains or the engine is dead."""
-        try:
-            return super().ready_engine()
-        except GateClosed as e:
-            raise HttpError(503, str(e), code="unavailable") from None
-
-    def enter(self):
-        """Counts one generation request as in flight; returns the engine (HttpError 503 if none)."""
-        try:
-            return super().enter()
-        except GateClosed as e:
-            raise HttpError(503, str(e), code="unavailable") from None
-
+    # -- used by the routes (the gate's GateClosed answers 503: engine/serving/http_errors.py) ----------
     def model_card(self) -> dict:
         engine = self.ready_engine()
         return {"id": engine.model_name, "object": "model", "created": self._created, "owned_by": OWNED_BY,
