@@ -93,7 +93,7 @@ def _follow(config: EngineConfig, options: ServeOptions, link) -> int:
     from engine.device.follower import follow
     try:
         status = follow(config, link, options.shutdown_timeout_seconds)
-    except Exception as e:  # noqa: BLE001 — loading failed: one line; process 0 sees the channel close
+    except Exception as e:  # loading failed: one line; process 0 sees the channel close
         _fail(f"follower {options.process_id}: loading the model failed: {describe_exception(e)}", 1, now=True)
     if status:
         _fail(f"follower {options.process_id} stopped with status {status}", status, now=True)
