@@ -80,7 +80,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     max_waiting_requests: int = 1024
     seed: int = 0
-    async_scheduling: bool = True            # schedule step N+1 while step N runs (engine.LLMEngine._step)
+    async_scheduling: bool = True            # schedule step N+1 while step N runs (engine.core.engine.LLMEngine._step)
     # Per-request limits (engine/core/request_checks.py): one client must not make work for everyone.
     max_stop_strings: int = 16
     max_stop_string_length: int = 256        # characters

@@ -1,15 +1,14 @@
 """The one attention entry point the model calls; the backend is chosen once from the engine config.
 
 Backends: "reference" (jnp online softmax over the pages, the CPU default), "pallas" (our Pallas kernels;
-on CPU they run in interpret mode), "auto" (pallas on GPU, reference elsewhere).
+on CPU they run in interpret mode), "auto" (pallas on GPU, reference elsewhere), listed and resolved by
+kernels/backends.py.
 """
 from __future__ import annotations
 
 # Imported eagerly, not inside the traced call: importing Pallas registers JAX trace-context settings,
 # so a first trace made before that import would be retraced (recompiled) on the next call.
 from kernels import pallas_gpu
-# resolve_backend is re-exported: callers choose the backend and call the kernel through this one module.
-from kernels.backends import resolve_backend  # noqa: F401
 from kernels.reference import paged_attention_reference
 
 

@@ -34,7 +34,7 @@ REPEATS = 300
 
 def _step_arrays(N: int, R: int, W: int):
     import numpy as np
-    i32 = lambda *s: np.arange(int(np.prod(s)), dtype=np.int32).reshape(s) % 1000  # noqa: E731
+    i32 = lambda *s: np.arange(int(np.prod(s)), dtype=np.int32).reshape(s) % 1000
     return (i32(N), i32(N), i32(N), i32(R, W), i32(R), i32(R + 1), i32(R),              # StepInputs
             np.ones(R, np.float32), i32(R), np.ones(R, np.float32), np.arange(R, dtype=np.uint32), i32(R),
             np.full(N, -1, np.int32))                                                     # sampling, prev_row
@@ -78,9 +78,9 @@ def _channel_role(pid: int, n: int, port: int, out: str) -> None:
 
 
 def channel(args) -> None:
-    from tests.group_launcher import free_port_pair
+    from tests.group_launcher import free_port_pair, one_cpu_env
     port, outs, procs = free_port_pair(), [], []
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    env = one_cpu_env()
     with tempfile.TemporaryDirectory() as tmp:
         for pid in range(args.processes):
             outs.append(os.path.join(tmp, f"{pid}.json"))
@@ -139,7 +139,8 @@ def _streams(address: str, n: int, tokens: int) -> float:
 
 def decode(args) -> None:
     d = args.devices
-    env0 = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    from tests.group_launcher import one_cpu_env
+    env0 = one_cpu_env()
     setups = {f"1 process x {d} devices": ([f"--devices=cpu:{','.join(map(str, range(d)))}"],
                                            env0 | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={d}"}, 1),
               f"{d} processes x 1 device": ([], env0, d)}

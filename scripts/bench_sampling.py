@@ -1,4 +1,4 @@
-"""Times engine.sampling.sample() (jitted) beside the sort-based sampler it replaced, in one run.
+"""Times engine.device.sampling.sample() (jitted) beside the sort-based sampler it replaced, in one run.
 
 Each setting runs both samplers on the same rotating batches, interleaved call by call, and prints the median
 wall and CPU milliseconds per call (CPU time, of all this process's threads, is steadier on a shared machine).

@@ -20,6 +20,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
+def one_cpu_env() -> dict[str, str]:
+    """This environment for a process with one CPU device: JAX on CPU, no inherited XLA_FLAGS (a forced host
+    device count would give each process several devices)."""
+    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+
+
 def free_port_pair() -> int:
     """A port P with P + 1 free too (the coordinator and the control channel)."""
     for _ in range(100):
@@ -49,7 +55,7 @@ class Group:
                      f"--coordinator-address=127.0.0.1:{self.port}", f"--num-processes={num_processes}",
                      f"--distributed-timeout-seconds={timeout}", *flags]
         self.procs: dict[int, subprocess.Popen] = {}
-        self.env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+        self.env = one_cpu_env()
 
     def start(self, ids=None) -> "Group":
         for pid in ids if ids is not None else range(self.num_processes):

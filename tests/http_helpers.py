@@ -11,7 +11,7 @@ import grpc
 import httpx
 
 from engine.core.request import ErrorCode, FinishReason, RequestError, RequestOutput
-from engine.server import EngineServer
+from engine.serving.engine_server import EngineServer
 from engine.v1 import engine_pb2_grpc
 from tests.fake_engine import FakeEngine
 

@@ -77,10 +77,10 @@ def restore(checkpoint_dir: str, devices: str) -> dict:
 
 def initialize(coordinator_address: str) -> dict:
     """A one-process jax.distributed runtime (must be the first job: before any device is touched)."""
-    from engine.device.distributed import is_serving_process, maybe_initialize
+    from engine.device.distributed import maybe_initialize
     done = maybe_initialize(coordinator_address, 1, 0)
     import jax
-    return {"initialized": done, "process_count": jax.process_count(), "serving": is_serving_process(),
+    return {"initialized": done, "process_count": jax.process_count(), "process_index": jax.process_index(),
             "devices": jax.device_count()}
 
 

@@ -1,4 +1,4 @@
-"""Async scheduling (engine.LLMEngine._step): step N+1 is launched before step N's tokens are read. Every
+"""Async scheduling (engine.core.engine.LLMEngine._step): step N+1 is launched before step N's tokens are read. Every
 observable output must equal the synchronous loop's, token for token: greedy and seeded sampling, EOS,
 stop strings found one step late, max_tokens, preemption under a tiny pool, aborts; and no token past a
 stop may ever reach a stream."""

@@ -12,7 +12,8 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
-from engine.core.engine import MAX_CONSECUTIVE_FAILURES, LLMEngine
+from engine.core.engine import LLMEngine
+from engine.core.engine_faults import MAX_CONSECUTIVE_FAILURES
 from engine.core.request import EngineUnavailableError, ErrorCode, FinishReason, Request
 
 OPTS = dict(max_batch_size=8, max_num_batched_tokens=64, max_length=256, kv_cache_page_size=16,

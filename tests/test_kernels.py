@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from kernels import paged_attention as pa
 from kernels import pallas_gpu, ragged_tiles
+from kernels.backends import resolve_backend
 from tests.attention_oracle import Case, entry_point, make_case
 
 TOLERANCE = {"float32": dict(atol=2e-5, rtol=2e-5), "bfloat16": dict(atol=3e-2, rtol=3e-2)}
@@ -274,9 +275,9 @@ def test_plan_cuts_each_sequence_into_blocks():
 
 
 def test_resolve_backend():
-    assert pa.resolve_backend("auto", "cpu") == "reference"
-    assert pa.resolve_backend("auto", "gpu") == pa.resolve_backend("auto", "cuda") == "pallas"
-    assert pa.resolve_backend("pallas", "cpu") == "pallas"
-    assert pa.resolve_backend("reference", "gpu") == "reference"
+    assert resolve_backend("auto", "cpu") == "reference"
+    assert resolve_backend("auto", "gpu") == resolve_backend("auto", "cuda") == "pallas"
+    assert resolve_backend("pallas", "cpu") == "pallas"
+    assert resolve_backend("reference", "gpu") == "reference"
     with pytest.raises(ValueError, match="--attention-backend='triton'.*auto, pallas, reference"):
-        pa.resolve_backend("triton", "gpu")
+        resolve_backend("triton", "gpu")

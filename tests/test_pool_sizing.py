@@ -1,4 +1,4 @@
-"""KV-pool sizing and device defaults (engine/config_resolution.resolve_config), without a real device."""
+"""KV-pool sizing and device defaults (engine/loading/config_resolution.py resolve_config), without a real device."""
 import pytest
 
 from engine.config import EngineConfig

@@ -27,7 +27,7 @@ def numpy_levels(x):
 def numpy_w8a8(a, b, s1, s2, w: QuantizedWeight):
     """The quantized product in float64: exact integer dots of both levels with the int8 weight, each
     level rescaled by its scale, summed, times the weight's per-column scale."""
-    wq, f = np.asarray(w.q, np.float64), lambda v: np.asarray(v, np.float64)  # noqa: E731
+    wq, f = np.asarray(w.q, np.float64), lambda v: np.asarray(v, np.float64)
     return ((f(a) @ wq) * f(s1)[:, None] + (f(b) @ wq) * f(s2)[:, None]) * f(w.scale)[None, :]
 
 

@@ -1,5 +1,5 @@
-"""engine.sampling against the sort-based definition it replaced: kept sets and probabilities, seeds, greedy rows,
-and draw frequencies.
+"""engine.device.sampling against the sort-based definition it replaced: kept sets and probabilities, seeds, greedy
+rows and draw frequencies.
 
 The definition is the old sort-based code, evaluated in float64 with top_p = 1 meaning "off" (SamplingInputs'
 contract). In float32 its cumulative sum over 49,152 tokens drifts: it reaches 1.0 early, so at top_p = 1 it

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.config import EngineConfig
-from engine.server import EngineServer
+from engine.serving.engine_server import EngineServer
 from engine.v1 import engine_pb2 as pb
 from engine.v1 import engine_pb2_grpc
 from tests.fake_engine import FakeEngine
@@ -405,7 +405,7 @@ def test_dashed_and_underscore_flags_parse_the_same():
 
 
 def test_unreadable_model_file_exits_with_one_line_naming_it(tmp_path):
-    """Needs the real engine (engine.engine.LLMEngine): its ValueError must name the file."""
+    """Needs the real engine (engine.core.engine.LLMEngine): its ValueError must name the file."""
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"not a gguf file")
     p = subprocess.run(_server_cmd(f"--model-path={bad}", "--port=0"), cwd=ROOT, capture_output=True, text=True,

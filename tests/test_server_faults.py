@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.core.engine import LLMEngine
-from engine.server import ABORT_RESERVE_SECONDS, EngineServer
+from engine.serving.engine_server import ABORT_RESERVE_SECONDS, EngineServer
 from engine.v1 import engine_pb2 as pb
 from engine.v1 import engine_pb2_grpc
 from tests.fake_engine import FakeEngine
@@ -200,7 +200,7 @@ def test_shutdown_is_bounded_even_when_the_engine_is_stuck():
 
 def test_default_shutdown_fits_in_kubernetes_grace_period():
     from engine.flags import ServeOptions
-    from engine.server import ABORT_RESERVE_SECONDS as reserve
+    from engine.serving.engine_server import ABORT_RESERVE_SECONDS as reserve
     assert max(ServeOptions().shutdown_timeout_seconds, reserve) + 1.0 < 30.0  # SIGKILL follows after 30 s
 
 

@@ -16,7 +16,7 @@ import pytest
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.core.engine import LLMEngine
-from engine.server import EngineServer
+from engine.serving.engine_server import EngineServer
 from engine.v1 import engine_pb2 as pb
 from engine.v1 import engine_pb2_grpc
 

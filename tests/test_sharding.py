@@ -171,7 +171,8 @@ def test_non_dividing_heads_fail_with_the_counts(sharded_runs):
 
 def test_one_process_distributed_runtime_starts(sharded_runs):
     """The other jobs then ran inside it (the mesh code does not assume a plain single-process runtime)."""
-    assert sharded_runs["distributed"] == {"initialized": True, "process_count": 1, "serving": True, "devices": 4}
+    assert sharded_runs["distributed"] == {"initialized": True, "process_count": 1, "process_index": 0,
+                                           "devices": 4}
 
 
 def test_checkpoint_restores_straight_onto_shards(sharded_runs):

@@ -9,8 +9,9 @@ from pathlib import Path
 import gguf
 import pytest
 
+from engine.core.detokenizer import IncrementalDetokenizer
 from engine.loading.gguf_metadata import read_metadata
-from engine.loading.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.loading.tokenizer import Tokenizer
 from tests.tiny_vocab import (CHAT_TEMPLATE, add_tiny_spm_tokenizer, add_tiny_tokenizer, bytes_to_unicode,
                         tiny_merges, tiny_tokens)
 

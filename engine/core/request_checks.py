@@ -45,7 +45,8 @@ def check_stop(stop: Sequence[str], config: EngineConfig) -> None:
 
 
 def check_before_tokenizing(request_id: str, cache_salt: str, stop: Sequence[str], config: EngineConfig) -> None:
-    """What a front end checks before it tokenizes anything (the prompt's own size: check_prompt_size)."""
+    """What a front end checks before it tokenizes anything (the prompt's own size: check_prompt_size), and
+    `check_request` again first (an offline request comes in tokenized)."""
     check_identifiers(request_id, cache_salt)
     check_stop(stop, config)
 
@@ -87,8 +88,7 @@ def check_prompt_length(num_tokens: int, max_length: int, page_size: int, total_
 def check_request(request: Request, config: EngineConfig, vocab_size: int, total_pages: int) -> None:
     """Everything a tokenized request must satisfy to run on an engine with this (resolved) config and
     `total_pages` usable KV pages. Raises ValueError naming the field."""
-    check_identifiers(request.request_id, request.cache_salt)
-    check_stop(request.sampling.stop, config)
+    check_before_tokenizing(request.request_id, request.cache_salt, request.sampling.stop, config)
     request.sampling.validate()
     ids, limit = request.prompt_token_ids, config.max_length
     # Before the vocabulary scan: a huge id list is refused in O(1).

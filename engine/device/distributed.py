@@ -171,9 +171,3 @@ def maybe_initialize(coordinator_address: str | None, num_processes: int | None,
     log.info("process %d of %d joined %s: %d local / %d global devices", jax.process_index(),
              jax.process_count(), coordinator_address, jax.local_device_count(), jax.device_count())
     return True
-
-
-def is_serving_process() -> bool:
-    """Process 0 serves gRPC and schedules; the others follow its steps (engine/device/follower.py)."""
-    import jax
-    return jax.process_index() == 0

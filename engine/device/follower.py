@@ -71,7 +71,7 @@ def follow(config: EngineConfig, link: socket.socket, shutdown_timeout: float) -
                 return 0 if command.reason is None else 1
             else:
                 raise RuntimeError(f"unexpected control message {type(command).__name__}")
-        except Exception as e:  # noqa: BLE001 — any fault here breaks the group: report it and exit
+        except Exception as e:  # any fault here breaks the group: report it and exit
             _say(f"step {steps} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                  "stopping with status 1")
             return 1

@@ -282,6 +282,3 @@ def _register_added_tokens(hf: HFTokenizer, tokens: list[str], types: list[int])
         hf.add_special_tokens(special)
     if user:
         hf.add_tokens(user)
-
-
-from engine.core.detokenizer import IncrementalDetokenizer  # noqa: E402,F401  (re-exported; imports Tokenizer lazily)

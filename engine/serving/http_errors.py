@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from engine.core.request import ErrorCode, RequestError
+from engine.serving.front_end_gate import GateClosed
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,10 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(HttpError)
     async def _http_error(request, exc: HttpError):
         return error_response(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(GateClosed)
+    async def _closed(request, exc: GateClosed):  # the model loads, the server drains or the engine is dead
+        return error_response(503, str(exc), code=ErrorCode.UNAVAILABLE.value)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):

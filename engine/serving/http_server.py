@@ -8,9 +8,10 @@ engine instance (one scheduler, one KV pool, one prefix cache) and the same metr
     GET  /metrics                          Prometheus text (the registry --metrics-port serves)
     POST /reset_prefix_cache               drops every cached KV block not in use
 
-Lifecycle, driven by engine/server.py like the gRPC servicer: construction binds the port (a taken port
-fails before the model loads), `start()` serves (generation answers 503), `attach(engine)` serves the
-engine, `drain()` refuses new requests (503) while in-flight ones finish, `stop()` closes everything.
+Lifecycle, driven by EngineServer (engine/serving/engine_server.py) like the gRPC servicer: construction
+binds the port (a taken port fails before the model loads), `start()` serves (generation answers 503),
+`attach(engine)` serves the engine, `drain()` refuses new requests (503) while in-flight ones finish,
+`stop()` closes everything.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.serving import http_convert
-from engine.serving.front_end_gate import FrontEndGate, GateClosed
+from engine.serving.front_end_gate import FrontEndGate
 from engine.serving.http_errors import HttpError, error_response, install_handlers, param_of
 from engine.serving.http_models import ChatCompletionRequest, CompletionRequest
 from engine.serving.http_stream import EngineResponse
@@ -85,7 +86,7 @@ class HttpFrontEnd(FrontEndGate):
         self._server = _Uvicorn(config)
         self._thread: threading.Thread | None = None
 
-    # -- lifecycle (called by engine/server.py) --------------------------------------------------------
+    # -- lifecycle (called by engine/serving/engine_server.py) ---------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
                                         name="http", daemon=True)
@@ -107,21 +108,7 @@ class HttpFrontEnd(FrontEndGate):
         if self.executor is not None:
             self.executor.shutdown(wait=False)
 
-    # -- used by the routes ----------------------------------------------------------------------------
-    def ready_engine(self):
-        """The engine, or HttpError 503 while the model loads, the server drains or the engine is dead."""
-        try:
-            return super().ready_engine()
-        except GateClosed as e:
-            raise HttpError(503, str(e), code="unavailable") from None
-
-    def enter(self):
-        """Counts one generation request as in flight; returns the engine (HttpError 503 if none)."""
-        try:
-            return super().enter()
-        except GateClosed as e:
-            raise HttpError(503, str(e), code="unavailable") from None
-
+    # -- used by the routes (the gate's GateClosed answers 503: engine/serving/http_errors.py) -------------
     def model_card(self) -> dict:
         engine = self.ready_engine()
         return {"id": engine.model_name, "object": "model", "created": self._created, "owned_by": OWNED_BY,

@@ -1,6 +1,6 @@
 """EngineServicer: the engine.v1.Engine gRPC service over an LLMEngine (or the tests' FakeEngine).
 
-One Generate call = one engine request: validate and tokenize (engine.proto_convert), `add_request`,
+One Generate call = one engine request: validate and tokenize (engine/serving/proto_convert.py), `add_request`,
 then stream each RequestOutput until the one with a finish reason. A client that cancels or disconnects
 has its request aborted at once through gRPC's done-callback, so its KV pages go back to the pool.
 The servicer exists before the engine does (health and reflection answer while the model loads):
