@@ -45,6 +45,9 @@ SCRIPT_EXCEPTIONS = {
     "bench_sampling.py": {"engine.device.sampling": "times the jitted sampler itself, below the engine"},
     "bench_multiprocess.py": {"engine.device.control_channel": "times the control channel itself, below the engine",
                               "engine.device.distributed": "joins its processes into a group as the server does"},
+    "bench_int4.py": {"engine.device.quantization": "times q8_0's matmul itself, below the engine, beside int4"},
+    "bench_llamacpp.py": {"engine.loading.gguf_loader": "the default model's path without JAX: it runs in "
+                                                        "llama.cpp's own venv (numpy only), not the engine's"},
     "convert_checkpoint.py": {"engine.loading.checkpoint": "the checkpoint format's own command line",
                               "engine.config": "--dtype's choices are the engine's encodings",
                               "engine.loading.gguf_loader": "the default model's path, as the server resolves it"},
