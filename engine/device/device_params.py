@@ -131,9 +131,14 @@ def top_specs(layout: Layout) -> dict[str, P]:
     return {w.name: layout.spec(w.axes) for w in WEIGHTS if not w.per_layer}
 
 
+def _two_axes(spec: P) -> tuple:
+    """A matrix's spec as two entries (a trailing replicated axis may be left out of a PartitionSpec)."""
+    return tuple(spec) + (None,) * (2 - len(tuple(spec)))
+
+
 def scale_spec(name: str, spec: P) -> P:
     """The sharding of a quantized weight's scales: along its output columns (the embedding's rows)."""
-    axes = tuple(spec) + (None,) * (2 - len(tuple(spec)))
+    axes = _two_axes(spec)
     return P(axes[0]) if _per_row(name) else P(axes[1])
 
 
@@ -148,8 +153,7 @@ def _scales(name: str, blocks: dict, spec: P, mesh) -> dict:
     wo / w_down): then the maxima of this process's blocks are combined, and across processes by one
     all-gather (every process places the same weights in the same order, so the collectives pair up)."""
     reduce_axis = 1 if _per_row(name) else 0
-    axes = tuple(spec) + (None,) * (2 - len(tuple(spec)))
-    if axes[reduce_axis] is None:
+    if _two_axes(spec)[reduce_axis] is None:
         return {k: scale_of(np.max(np.abs(v), axis=reduce_axis)) for k, v in blocks.items()}
     amax = np.max([np.max(np.abs(v), axis=reduce_axis) for v in blocks.values()], axis=0)
     if len({d.process_index for d in mesh.devices.flat}) > 1:
@@ -183,7 +187,7 @@ def _place(name: str, f: Fused, layer: int | None, source: WeightSource, spec: P
     if not isinstance(next(iter(blocks.values())), QuantizedWeight):
         return _assemble(shape, sharding, {d: np.asarray(blocks[key(r)], dtype) for d, r in index.items()})
     per_row = _per_row(name)
-    axes = tuple(spec) + (None,) * (2 - len(tuple(spec)))
+    axes = _two_axes(spec)
     row_spec = P(*axes) if per_row else P(axes[1], axes[0])
     rows = {d: as_rows(blocks[key(r)], per_row=per_row) for d, r in index.items()}
     return Int8Rows(_assemble(shape if per_row else shape[::-1], NamedSharding(mesh, row_spec),

@@ -139,7 +139,7 @@ def read_checkpoint_config(directory: str) -> tuple[ModelConfig, str]:
 
 def load_checkpoint(directory: str, shardings: dict | None = None) -> tuple[ModelConfig, dict, Tokenizer]:
     """(ModelConfig, params, Tokenizer) from a checkpoint directory. Without `shardings` the params are
-    numpy arrays in the stored dtype; with a tree of NamedShardings (engine.sharding.Layout.param_shardings)
+    numpy arrays in the stored dtype; with a tree of NamedShardings (engine.device.sharding.Layout.param_shardings)
     each array is read straight onto its shards. Any problem: ModelLoadError (a ValueError) naming the
     directory."""
     config, dtype = read_checkpoint_config(directory)
@@ -191,7 +191,7 @@ def _restore_args(shapes: dict, np_dtype, shardings: dict | None) -> dict:
                 return {"q": ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.int8),
                         "scale": ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32)}
             spec = tuple(sharding.spec)
-            scale = scale_spec(name, P(*spec[-2:])) if QUANTIZED[name] != ROWS else P(spec[0] if spec else None)
+            scale = scale_spec(name, P(*spec[-2:]))
             if len(shape["q"]) == 3:   # layer-stacked: the layer axis leads
                 scale = P(None, *scale)
             return {"q": ocp.ArrayRestoreArgs(sharding=sharding, dtype=np.int8),

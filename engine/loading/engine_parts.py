@@ -55,7 +55,7 @@ def load_engine_parts(config: EngineConfig) -> LoadedEngineParts:
                              "it must be a power of two (16, 32, 64, 128, 256)")
         log.warning("page size %d is not a power of two: using the reference attention backend", page_size)
         backend = "reference"
-    page_size, pages = resolved.kv_cache_page_size, resolved.kv_cache_pages
+    pages = resolved.kv_cache_pages
     block_manager = BlockManager(pages, page_size, resolved.enable_prefix_caching)
     scheduler = Scheduler(block_manager, max_batch_size=resolved.max_batch_size,
                           max_num_batched_tokens=resolved.max_num_batched_tokens, max_length=resolved.max_length,
