@@ -35,8 +35,6 @@ from engine.loading.weights import QUANTIZED, ROWS, WEIGHTS, Weight, shape_of
 
 log = logging.getLogger(__name__)
 _W = {w.name: w for w in WEIGHTS}
-# Device parameters q8_0 stores as int8: the matrices and their fused forms (norms stay float).
-_QUANTIZABLE = set(QUANTIZED) | {"wqkv", "wkv", "w_gate_up"}
 
 def _per_row(name: str) -> bool:
     """Whether q8_0 scales this weight per row (the embedding, engine/loading/weights.py) rather than per column;
@@ -180,7 +178,7 @@ def _place(name: str, f: Fused, layer: int | None, source: WeightSource, spec: P
     stored_int8 = isinstance(next(iter(blocks.values())), QuantizedWeight)
     if stored_int8 and not quantize:
         blocks = {k: _dequantize(name, v) for k, v in blocks.items()}
-    elif quantize and not stored_int8 and name in _QUANTIZABLE:
+    elif quantize and not stored_int8 and all(p.name in QUANTIZED for p in f.parts):   # norms stay float
         scales = _scales(name, blocks, spec, mesh)
         blocks = {k: QuantizedWeight(quantize_with_scale(v, scales[k], _per_row(name)), scales[k])
                   for k, v in blocks.items()}
@@ -189,11 +187,11 @@ def _place(name: str, f: Fused, layer: int | None, source: WeightSource, spec: P
     per_row = _per_row(name)
     axes = _two_axes(spec)
     row_spec = P(*axes) if per_row else P(axes[1], axes[0])
-    rows = {d: as_rows(blocks[key(r)], per_row=per_row) for d, r in index.items()}
+    rows = {k: as_rows(v, per_row=per_row) for k, v in blocks.items()}
     return Int8Rows(_assemble(shape if per_row else shape[::-1], NamedSharding(mesh, row_spec),
-                              {d: r.q for d, r in rows.items()}),
+                              {d: rows[key(r)].q for d, r in index.items()}),
                     _assemble(shape[:1] if per_row else shape[1:], NamedSharding(mesh, P(row_spec[0])),
-                              {d: r.scale for d, r in rows.items()}))
+                              {d: rows[key(r)].scale for d, r in index.items()}))
 
 
 def _assemble(shape, sharding: NamedSharding, shards: dict) -> jax.Array:

@@ -14,6 +14,7 @@ import glob
 import importlib.util
 import logging
 import os
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -160,9 +161,8 @@ class GGUFSource(WeightSource):
     checked at open (present, its shape, a type this engine can dequantize) so a bad file fails before any
     device is touched; the data is memory-mapped and only the regions asked for are read."""
 
-    def __init__(self, path: str, reader, config: ModelConfig):
-        self.path, self.config = path, config
-        self.tensors = {t.name: t for t in reader.tensors}
+    def __init__(self, path: str, tensors: dict, config: ModelConfig):
+        self.path, self.config, self.tensors = path, config, tensors   # {name: gguf ReaderTensor}
         self.bytes_read = 0
         self._tied = config.tie_word_embeddings
         names = {self._name(w, i) for w in WEIGHTS for i in (range(config.num_layers) if w.per_layer else [None])}
@@ -184,13 +184,10 @@ class GGUFSource(WeightSource):
         return w.transpose or (w is _LM_HEAD and self._tied)
 
     def _check_shapes(self) -> None:
-        class Shape:
-            def __init__(self, shape):
-                self.shape = shape
-        def canonical(w):
+        def canonical(w):   # the shape the weight will have, from the tensor header alone
             dims = _dims(self.tensors[self._name(w, 0 if w.per_layer else None)])
             dims = dims[::-1] if self._transposed(w) else dims
-            return Shape((self.config.num_layers, *dims) if w.per_layer else dims)
+            return SimpleNamespace(shape=(self.config.num_layers, *dims) if w.per_layer else dims)
         try:
             check_param_shapes(weight_tree((w.path, canonical(w)) for w in WEIGHTS), param_shapes(self.config))
         except ValueError as e:
@@ -223,7 +220,7 @@ def open_gguf_source(path: str) -> tuple[ModelConfig, GGUFSource, dict[str, Any]
     rope_freqs = _dequantize_region(rope, (slice(0, _dims(rope)[0]),), path)[0] if rope is not None else None
     has_output = f"{_LM_HEAD.gguf}.weight" in tensors
     config = model_config_from_metadata(meta, path, rope_freqs, has_output, _dims(embed)[0])
-    return config, GGUFSource(path, reader, config), meta
+    return config, GGUFSource(path, tensors, config), meta
 
 
 def load_gguf(path: str) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
@@ -231,4 +228,8 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
     in the canonical tree of engine/loading/weights.py (names, shapes in terms of the config, GGUF tensor
     names). Serving reads by region instead (open_gguf_source)."""
     config, source, meta = open_gguf_source(path)
-    return config, weight_tree((w.path, source.read_all(w)) for w in WEIGHTS), meta
+    tied = config.tie_word_embeddings
+    params = weight_tree((w.path, source.read_all(w)) for w in WEIGHTS if not (w is _LM_HEAD and tied))
+    if tied:   # the embedding, read once
+        params["lm_head"] = np.ascontiguousarray(params["embed"].T)
+    return config, params, meta
